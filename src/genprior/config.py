@@ -1,0 +1,450 @@
+"""Typed configuration: OmegaConf structured configs, YAML presets and command-line overrides.
+
+A run is configured by, in order of precedence (last wins):
+
+1. the dataclass defaults below (the schema; every key and its type live here),
+2. an ``experiment=<name>`` preset, which may also pick presets of the other groups,
+3. group presets picked on the command line (``prior=biggan128 task=colorization``),
+4. a user YAML given with ``config=<path>``,
+5. dotted overrides (``dgp.w_nll=0.02`` or ``--dgp.w_nll=0.02``, the form a W&B sweep agent
+   passes).
+
+Presets live in ``configs/<group>/<name>.yaml`` (installed as ``genprior.configs``). Every preset
+is a fragment of the root config, so a task preset can set ``task.*`` and ``dgp.*`` together.
+A typo anywhere (an unknown key, a wrong type, an unknown preset) stops the run with a message
+that names the key and suggests close matches.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.resources
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+GROUPS = ("experiment", "prior", "task", "data", "trainer", "logger")
+# Arguments a W&B sweep agent may add that are not ours; they are accepted and ignored.
+IGNORED_PREFIXES = ("_wandb",)
+
+
+class ConfigError(ValueError):
+    """A configuration the user asked for cannot be built; the message says how to fix it."""
+
+
+# --------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PriorConfig:
+    # Registry name: biggan128, biggan256, biggan256_ch64, biggan512, biggan_tiny, dip_skip.
+    name: str = "dip_skip"
+    kind: str = "dip"  # biggan | dip
+    resolution: int = 128
+    G_ch: int = 96
+    D_ch: int = 96
+    dim_z: int = 120
+    shared_dim: int = 128
+    n_classes: int = 1000
+    # "pretrained" loads the published files; "random" is a seeded random init (tests, benchmarks).
+    weights: str = "pretrained"
+    weights_dir: str = "pretrained"
+    G_path: str | None = None
+    D_path: str | None = None
+    weights_suffix: str = "128"  # the reference's --load_weights
+    use_ema: bool = True  # every DGP script loads G_ema_<suffix>.pth into the fine-tuned G
+    random_G: bool = False  # the reference's --random_G: orthogonal init, train mode, random D
+    init_seed: int = 0  # seed of weights=random
+
+
+@dataclass
+class TaskConfig:
+    # reconstruct | colorization | inpainting | sr | hybrid | defence | denoising | jpeg |
+    # random_mask | mask_image (the degradation kind follows from the name)
+    name: str = "denoising"
+    sr_factor: int = 4
+    mask_path: str | None = None
+    mask_fraction: float = 0.8  # random_mask: fraction of pixels dropped
+    noise_sigma: float = 25.0  # denoising, on the 0..255 scale
+    jpeg_quality: int = 10
+
+
+@dataclass
+class DGPConfig:
+    """The reference's per-stage lists and scalars, under the reference's flag names (SPEC §10)."""
+
+    iterations: list[int] = field(default_factory=lambda: [200, 200, 200, 200, 200])
+    G_lrs: list[float] = field(default_factory=lambda: [5e-5, 5e-5, 2e-5, 1e-5, 1e-5])
+    z_lrs: list[float] = field(default_factory=lambda: [2e-3, 1e-3, 2e-5, 1e-5, 1e-5])
+    ftr_num: list[int] = field(default_factory=lambda: [8, 8, 8, 8, 8])
+    ft_num: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6])
+    lr_ratio: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0, 1.0])
+    w_D_loss: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0, 1.0])
+    w_mse: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0, 1.0])
+    # Loss ablations of DGP Table 4 (0 in every reference script).
+    w_percep: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0, 0.0])
+    use_in: list[bool] = field(default_factory=lambda: [False, False, False, False, False])
+    w_nll: float = 0.02
+    select_num: int = 500
+    sample_std: float = 0.3
+    update_G: bool = True
+    update_embed: bool = False
+    warm_up: int = 0
+    stop_mse: float = 0.0
+    stop_ftr: float = 0.0
+    G_B1: float = 0.0
+    G_B2: float = 0.999
+    adam_eps: float = 1e-8  # the reference hard-codes 1e-8 (its --adam_eps flag is unused)
+    # Reference bug (SPEC §6.1, quirk 3): main.py carries Adam state from one image to the next.
+    # Off by default; turn on to reproduce main.py's numbers beyond the first image.
+    carry_optimizer_state: bool = False
+    print_interval: int = 100
+    save_interval: list[int] | None = None
+    perceptual_weights: str | None = None  # local VGG-16 file for w_percep (timm vgg16)
+
+
+@dataclass
+class DIPConfig:
+    """Deep Image Prior loop (see docs/dip.md and the DIP SPEC)."""
+
+    num_iter: int = 600
+    lr: float = 0.01
+    input_depth: int = 32
+    input_type: str = "noise"
+    input_var: float = 0.1
+    reg_noise_std: float = 1.0 / 30.0
+    exp_weight: float = 0.99
+    show_every: int = 100
+    backtracking: bool = True
+    net: str = "skip_default"
+    num_channels: int = 128
+    num_scales: int = 5
+
+
+@dataclass
+class DataConfig:
+    # "sample" is the embedded default (scikit-image's astronaut); otherwise a path to an image,
+    # a folder or a list file ("<path> [class]" per line).
+    source: str = "sample"
+    class_id: int = -1  # class of a single image (or default for files without one); -1 unknown
+    image_size: int = 128  # working size for DIP images from the embedded sample
+    limit: int | None = None  # only the first N images
+    num_workers: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    batch_size: int = 1  # B: images fitted at once, each with its own parameters
+    deterministic: bool = False
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "csv"  # csv | wandb | none
+    project: str = "genprior"
+    entity: str | None = None
+    # offline unless the user is logged in ("auto"), or force "offline"/"online"
+    mode: str = "auto"
+    log_every_n_steps: int = 10
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "outputs/${prior.name}-${task.name}"
+    save_G: bool = False  # save the fine-tuned G and z of every image (needed for morphing)
+
+
+@dataclass
+class MetricsConfig:
+    # The reference's SSIM uses data_range 2 on [0,1] images (SPEC §8, quirk 12). 2.0 keeps
+    # numbers comparable with the papers; 1.0 is the textbook value.
+    ssim_data_range: float = 2.0
+
+
+@dataclass
+class Config:
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    dgp: DGPConfig = field(default_factory=DGPConfig)
+    dip: DIPConfig = field(default_factory=DIPConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    seed: int = 0
+    # The presets this config was composed from (filled in by compose; informational).
+    presets: dict[str, str] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------
+
+
+def presets_root() -> Path:
+    """The folder of YAML presets (``configs/`` in a checkout, ``genprior/configs`` installed)."""
+    return Path(str(importlib.resources.files("genprior.configs")))
+
+
+def available_presets(group: str) -> list[str]:
+    folder = presets_root() / group
+    if not folder.is_dir():
+        return []
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def preset_summary(group: str, name: str) -> str:
+    """The first comment line of a preset file, used by --help."""
+    path = presets_root() / group / f"{name}.yaml"
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+        if line.strip():
+            break
+    return ""
+
+
+def load_preset(group: str, name: str) -> DictConfig:
+    names = available_presets(group)
+    if name not in names:
+        hint = _suggest(name, names)
+        raise ConfigError(
+            f"unknown {group} preset {name!r}.{hint} Available {group} presets: "
+            f"{', '.join(names) or '(none)'}."
+        )
+    path = presets_root() / group / f"{name}.yaml"
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as err:  # a YAML syntax error in a preset file
+        raise ConfigError(f"cannot parse preset {path}: {err}") from err
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"preset {path} must be a mapping of config keys")
+    return loaded
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ParsedArgs:
+    groups: dict[str, str]
+    overrides: list[str]
+    user_files: list[str]
+    help: bool = False
+    ignored: list[str] = field(default_factory=list)
+
+
+def parse_args(argv: Sequence[str]) -> ParsedArgs:
+    """Split ``key=value`` / ``--key=value`` / ``--key value`` arguments into groups and overrides."""
+    parsed = ParsedArgs(groups={}, overrides=[], user_files=[])
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg in ("-h", "--help", "help"):
+            parsed.help = True
+            continue
+        body = arg[2:] if arg.startswith("--") else arg
+        if "=" not in body:
+            # `--key value`, the other form argparse-style users type
+            if arg.startswith("--") and i < len(args) and "=" not in args[i]:
+                body = f"{body}={args[i]}"
+                i += 1
+            else:
+                raise ConfigError(
+                    f"cannot read argument {arg!r}: use key=value (or --key=value), "
+                    "for example task=colorization or dgp.w_nll=0.02"
+                )
+        key, value = body.split("=", 1)
+        key = key.lstrip("+")
+        if key.startswith(IGNORED_PREFIXES):
+            parsed.ignored.append(arg)
+            continue
+        if key in GROUPS:
+            parsed.groups[key] = value
+        elif key == "config":
+            parsed.user_files.append(value)
+        else:
+            parsed.overrides.append(f"{key}={value}")
+    return parsed
+
+
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            full = f"{prefix}{k}"
+            keys.append(full)
+            child = node._get_node(k)
+            if isinstance(child, DictConfig):
+                keys.extend(_all_keys(child, full + "."))
+    return keys
+
+
+def _suggest(word: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=3, cutoff=0.6)
+    if not close:
+        # also match on the last path component ("w_nl" -> "dgp.w_nll")
+        tail = word.rsplit(".", 1)[-1]
+        close = [o for o in options if o.rsplit(".", 1)[-1] in
+                 difflib.get_close_matches(tail, [x.rsplit(".", 1)[-1] for x in options], n=3)]
+        close = close[:3]
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)  # type: ignore[return-value]
+    except ConfigKeyError as err:
+        key = _error_key(err)
+        raise ConfigError(
+            f"unknown config key {key!r} in {source}.{_suggest(key, _all_keys(base))} "
+            "Run with --help to list the groups, or see src/genprior/config.py for every key."
+        ) from None
+    except ValidationError as err:
+        key = _error_key(err)
+        expected = _expected_type(base, key)
+        raise ConfigError(
+            f"wrong type for config key {key!r} in {source}: {err.msg.splitlines()[0]}"
+            + (f" (expected {expected})" if expected else "")
+        ) from None
+
+
+def _error_key(err: OmegaConfBaseException) -> str:
+    full = getattr(err, "full_key", None) or ""
+    if full:
+        return str(full)
+    return str(getattr(err, "key", "") or "?")
+
+
+def _expected_type(base: DictConfig, key: str) -> str:
+    try:
+        node = base._get_node(key.split(".")[0])
+        for part in key.split(".")[1:]:
+            node = node._get_node(part)  # type: ignore[union-attr]
+        return getattr(node, "_metadata").ref_type.__name__  # type: ignore[union-attr]
+    except Exception:
+        return ""
+
+
+def compose(argv: Sequence[str] = ()) -> DictConfig:
+    """Build the validated run configuration from command-line style arguments."""
+    parsed = parse_args(argv)
+    return compose_parsed(parsed)
+
+
+def compose_parsed(parsed: ParsedArgs) -> DictConfig:
+    cfg: DictConfig = OmegaConf.structured(Config)
+    groups = dict(parsed.groups)
+    experiment_values = None
+    if "experiment" in groups:
+        experiment_values = load_preset("experiment", groups["experiment"])
+        chosen = experiment_values.pop("groups", None)
+        if chosen is not None:
+            for group, name in chosen.items():
+                if group not in GROUPS or group == "experiment":
+                    raise ConfigError(
+                        f"experiment {groups['experiment']!r} picks unknown group {group!r}; "
+                        f"groups are {', '.join(GROUPS[1:])}"
+                    )
+                groups.setdefault(group, str(name))  # the command line wins over the experiment
+    for group in GROUPS[1:]:
+        if group in groups:
+            cfg = _merge(cfg, load_preset(group, groups[group]), f"preset {group}={groups[group]}")
+    if experiment_values is not None:
+        cfg = _merge(cfg, experiment_values, f"experiment={groups['experiment']}")
+    for path in parsed.user_files:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file {path!r} does not exist")
+        cfg = _merge(cfg, OmegaConf.load(path), f"config file {path}")  # type: ignore[arg-type]
+    for item in parsed.overrides:
+        key = item.split("=", 1)[0]
+        try:
+            dot = OmegaConf.from_dotlist([item])
+        except Exception as err:
+            raise ConfigError(f"cannot parse override {item!r}: {err}") from None
+        cfg = _merge(cfg, dot, f"override {key}=...")
+    cfg.presets = {g: n for g, n in groups.items()}
+    _check_lists(cfg)
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cannot resolve the config: {err}") from None
+    return cfg
+
+
+def _check_lists(cfg: DictConfig) -> None:
+    """Per-stage lists must agree in length (the reference crashes with IndexError otherwise)."""
+    if cfg.prior.kind != "biggan":
+        return
+    stage_keys = ["iterations", "G_lrs", "z_lrs", "ftr_num", "ft_num", "lr_ratio", "w_D_loss",
+                  "w_mse", "w_percep", "use_in"]
+    n = len(cfg.dgp.iterations)
+    for key in stage_keys:
+        value = cfg.dgp[key]
+        if not isinstance(value, ListConfig) or len(value) != n:
+            length = len(value) if isinstance(value, ListConfig) else "not a list"
+            raise ConfigError(
+                f"dgp.{key} has {length} entries but dgp.iterations has {n} stages; give one "
+                f"value per stage, e.g. dgp.{key}=[{', '.join(['...'] * n)}]"
+            )
+    if cfg.dgp.save_interval is not None and len(cfg.dgp.save_interval) != n:
+        raise ConfigError(f"dgp.save_interval needs one entry per stage ({n})")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def help_text(program: str) -> str:
+    lines = [
+        f"usage: {program} [group=preset ...] [key=value ...] [--key=value ...] [config=FILE]",
+        "",
+        "Groups and their presets (pick one per group, e.g. prior=biggan128 task=colorization):",
+    ]
+    for group in GROUPS:
+        names = available_presets(group)
+        lines.append(f"  {group}:")
+        if not names:
+            lines.append("    (none)")
+        for name in names:
+            summary = preset_summary(group, name)
+            lines.append(f"    {name:<28} {summary}")
+    lines += [
+        "",
+        "Overrides: any key of the schema, e.g. dgp.w_nll=0.02 trainer.batch_size=8",
+        "  lists: dgp.G_lrs=[5e-5,5e-5,2e-5]; W&B sweep agents pass --key=value, also accepted.",
+        "Top-level sections: " + ", ".join(OmegaConf.structured(Config).keys()),
+        "Every run writes its resolved config to <output.dir>/config.yaml.",
+    ]
+    return "\n".join(lines)
+
+
+def compose_or_exit(argv: Sequence[str], program: str) -> DictConfig | None:
+    """CLI wrapper: print help (returns None) or a one-paragraph error (exit code 2)."""
+    try:
+        parsed = parse_args(argv)
+        if parsed.help:
+            print(help_text(program))
+            return None
+        return compose_parsed(parsed)
+    except ConfigError as err:
+        print(f"{program}: config error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,343 @@
+"""Reading, preprocessing and writing images the way the reference implementations do.
+
+Every image that enters genprior goes through `load_image` (decode to 8-bit RGB, with clear
+errors for files that cannot be used) and `preprocess` (square crop, resize, [-1, 1] tensor).
+Two preprocessing recipes exist because the priors were trained on differently prepared data:
+
+* ``"dgp"`` (DGP SPEC §2, the default): torchvision-style centre crop of the long edge with
+  Python's round-half-to-even offsets, then a PIL *bilinear* resize (skipped when the crop
+  already has the target size). This reproduces the DGP parity fixtures bit for bit.
+* ``"pggan"``: the crop of PGGAN's ``dataset_tool.py create_lsun`` (floor offsets) followed by
+  a PIL *Lanczos* ("ANTIALIAS") resize, which is how the LSUN training sets of the PGGAN priors
+  used by mGANprior were made. On the 256x256 targets that mGANprior expects it is the identity,
+  matching mGANprior's "never resize" behaviour (mGANprior SPEC §3.4).
+
+Outputs are written with `save_image`, which truncates to uint8 like the reference
+(uint8(255 * (x + 1) / 2), DGP SPEC §11).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageLoadError",
+    "SmallImageWarning",
+    "center_crop_long_edge",
+    "crop_box_long_edge",
+    "decode_image",
+    "load_image",
+    "preprocess",
+    "save_image",
+    "to_tensor",
+]
+
+#: File suffixes treated as images when a folder is scanned (compared in lower case).
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm"}
+)
+
+AlphaPolicy = Literal["drop", "white"]
+MinSizePolicy = Literal["upsample", "error"]
+PreprocessMethod = Literal["dgp", "pggan"]
+
+
+class ImageLoadError(Exception):
+    """An image that cannot be used: missing, empty, not an image, corrupt, or too small.
+
+    ``path`` names the file (or the LMDB record) and ``reason`` says what is wrong, so that an
+    evaluation can record the failure per image and carry on with the others.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"cannot use image {self.path}: {reason}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Keep the two-argument constructor picklable across DataLoader worker processes.
+        return (type(self), (self.path, self.reason))
+
+
+class SmallImageWarning(UserWarning):
+    """An image whose square crop is smaller than the working resolution and gets upsampled."""
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------
+
+
+def load_image(path: str | os.PathLike[str], *, alpha: AlphaPolicy = "drop") -> Image.Image:
+    """Open an image file and return it as an 8-bit RGB PIL image (fully decoded).
+
+    Raises `ImageLoadError` naming the file when it is missing, a directory, empty, not a
+    recognised image format, truncated/corrupt, or holds pixel values that cannot be mapped to
+    8 bits (NaN). See `to_rgb8` for how every PIL mode becomes RGB.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageLoadError(path, "file does not exist")
+    if path.is_dir():
+        raise ImageLoadError(path, "is a directory, not an image file")
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        raise ImageLoadError(path, f"cannot stat file ({err.strerror or err})") from err
+    if size == 0:
+        raise ImageLoadError(path, "file is empty (0 bytes)")
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as err:
+        raise ImageLoadError(path, f"cannot read file ({err.strerror or err})") from err
+    return decode_image(data, name=str(path), alpha=alpha)
+
+
+def decode_image(data: bytes, *, name: str = "<bytes>", alpha: AlphaPolicy = "drop") -> Image.Image:
+    """Decode encoded image bytes (JPEG, PNG, WebP, ...) to an 8-bit RGB PIL image.
+
+    ``name`` is only used in error messages and warnings (a path, or an LMDB key).
+    """
+    import io
+
+    if len(data) == 0:
+        raise ImageLoadError(name, "file is empty (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as err:
+        raise ImageLoadError(name, "not a recognised image format") from err
+    except Image.DecompressionBombError as err:
+        raise ImageLoadError(name, f"refused by PIL's decompression-bomb check ({err})") from err
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ImageLoadError(name, f"cannot parse image header ({err})") from err
+    try:
+        # Image.open only reads the header; force the full decode here so that a truncated
+        # or corrupt body fails now, with the file's name, and not later inside a transform.
+        img.load()
+    except Image.DecompressionBombError as err:
+        raise ImageLoadError(name, f"refused by PIL's decompression-bomb check ({err})") from err
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        raise ImageLoadError(name, f"corrupt or truncated image data ({err})") from err
+    return to_rgb8(img, name=name, alpha=alpha)
+
+
+def to_rgb8(img: Image.Image, *, name: str = "<image>", alpha: AlphaPolicy = "drop") -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB.
+
+    * RGB, L, 1, YCbCr, LAB, HSV, CMYK and palette images: PIL's own ``convert("RGB")``, which
+      is what the reference does (``Image.open(p).convert('RGB')``), so results stay identical
+      for every image the reference can read. CMYK uses PIL's plain (profile-free) formula;
+      embedded ICC profiles are ignored for all modes, as in the reference.
+    * Alpha (RGBA, LA, PA, P with a transparency entry): ``alpha="drop"`` (default) discards
+      it like the reference's ``convert('RGB')``, keeping whatever colour lies under
+      transparent pixels; ``alpha="white"`` composites onto white instead. A warning is
+      emitted when the alpha channel is not fully opaque, because then the two differ.
+    * 16/32-bit integer modes (I;16*, I) and float (F): PIL would clip values above 255 to
+      white; instead they are rescaled to 8 bits (see `_wide_to_l`).
+    """
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return _wide_to_l(img, name).convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        mode == "P" and "transparency" in img.info
+    )
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        lo, _ = rgba.getextrema()[3]
+        if lo < 255:
+            if alpha == "white":
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                return Image.alpha_composite(background, rgba).convert("RGB")
+            warnings.warn(
+                f"{name}: alpha channel is not opaque; it is dropped (the colour under "
+                "transparent pixels is kept), as the reference's convert('RGB') does",
+                stacklevel=3,
+            )
+        if mode == "P":
+            # Convert via RGBA so that palette transparency is handled consistently.
+            return rgba.convert("RGB")
+    return img.convert("RGB") if mode != "RGB" else img
+
+
+def _wide_to_l(img: Image.Image, name: str) -> Image.Image:
+    """Map a 16-bit, 32-bit or float single-channel image to 8-bit L.
+
+    * I;16 variants are 16-bit by construction: v8 = round(v16 / 257), so 65535 -> 255 and an
+      8-bit value stored as v*257 comes back exactly.
+    * I (int32) does not say its bit depth (old Pillow opened 16-bit PNGs as I), so it is
+      inferred from the maximum: <= 255 is taken as 8-bit, <= 65535 as 16-bit, else 32-bit.
+      Negative values are clipped to 0.
+    * F: values in [0, 1] are scaled by 255 (the usual float-image convention); otherwise they
+      are taken as 0..255 and clipped, with a warning. NaN or inf is an error.
+    """
+    arr = np.asarray(img)
+    if img.mode == "F":
+        arr = arr.astype(np.float64)
+        if not np.all(np.isfinite(arr)):
+            raise ImageLoadError(name, "float image contains NaN or infinite values")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo >= 0.0 and hi <= 1.0:
+            arr = arr * 255.0
+        elif lo < 0.0 or hi > 255.0:
+            warnings.warn(
+                f"{name}: float image has values in [{lo:g}, {hi:g}], outside [0, 1] and "
+                "[0, 255]; clipped to [0, 255]",
+                stacklevel=4,
+            )
+        out = np.clip(np.round(arr), 0, 255).astype(np.uint8)
+        return Image.fromarray(out, mode="L")
+    arr = arr.astype(np.int64)
+    arr = np.clip(arr, 0, None)
+    hi = int(arr.max()) if arr.size else 0
+    if img.mode.startswith("I;16") or 255 < hi <= 65535:
+        scale = 257
+    elif hi <= 255:
+        scale = 1
+    else:
+        scale = 16843009  # (2**32 - 1) / 255
+    # Integer round-half-up of v / scale, exact for the 8-bit-in-16-bit case.
+    out = (arr + scale // 2) // scale
+    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8), mode="L")
+
+
+# --------------------------------------------------------------------------------------------
+# Preprocessing
+# --------------------------------------------------------------------------------------------
+
+
+def crop_box_long_edge(
+    size_wh: tuple[int, int], *, rounding: Literal["half_even", "floor"] = "half_even"
+) -> tuple[int, int, int, int]:
+    """Box (left, top, right, bottom) of the centred square of side min(w, h).
+
+    ``half_even`` is torchvision's ``center_crop`` (offsets ``int(round((h - s) / 2))`` with
+    Python's banker's rounding; DGP SPEC §2: 375x500 -> (0, 62, 375, 437)). ``floor`` is
+    PGGAN's ``create_lsun`` (``(h - s) // 2``). They differ only when h - s is odd and
+    (h - s) / 2 rounds up, e.g. 375x501 gives top 63 vs 62.
+    """
+    w, h = size_wh
+    s = min(w, h)
+    if rounding == "half_even":
+        left, top = int(round((w - s) / 2.0)), int(round((h - s) / 2.0))
+    elif rounding == "floor":
+        left, top = (w - s) // 2, (h - s) // 2
+    else:
+        raise ValueError(f"unknown rounding {rounding!r}; use 'half_even' or 'floor'")
+    return (left, top, left + s, top + s)
+
+
+def center_crop_long_edge(
+    img: Image.Image, *, rounding: Literal["half_even", "floor"] = "half_even"
+) -> Image.Image:
+    """Crop the centred square of side min(w, h) (the reference's CenterCropLongEdge)."""
+    box = crop_box_long_edge(img.size, rounding=rounding)
+    if box == (0, 0, *img.size):
+        return img
+    return img.crop(box)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """uint8 RGB PIL image -> float32 [3, H, W] in [-1, 1].
+
+    The arithmetic is torchvision's ToTensor (divide by 255) followed by Normalize(0.5, 0.5)
+    (subtract, then divide), in that order, so values match the reference to the last bit.
+    """
+    if img.mode != "RGB":
+        raise ValueError(f"expected an RGB image, got mode {img.mode}")
+    arr = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))
+    x = arr.permute(2, 0, 1).contiguous().to(torch.float32).div(255)
+    return x.sub_(0.5).div_(0.5)
+
+
+def preprocess(
+    img: Image.Image,
+    resolution: int,
+    *,
+    method: PreprocessMethod = "dgp",
+    min_size_policy: MinSizePolicy = "upsample",
+    name: str = "<image>",
+) -> torch.Tensor:
+    """RGB PIL image -> float32 [3, R, R] in [-1, 1], as the reference prepares its targets.
+
+    ``method`` selects the recipe (see the module docstring). An image whose square crop is
+    smaller than ``resolution`` is upsampled like the reference does, but with a
+    `SmallImageWarning` that names the image and both sizes (``min_size_policy="upsample"``),
+    or rejected with `ImageLoadError` (``"error"``).
+    """
+    if resolution <= 0:
+        raise ValueError(f"resolution must be positive, got {resolution}")
+    img = to_rgb8(img, name=name)
+    w, h = img.size
+    if min(w, h) < resolution:
+        msg = (
+            f"{name}: image is {w}x{h}, its square crop ({min(w, h)}px) is smaller than the "
+            f"resolution {resolution}"
+        )
+        if min_size_policy == "error":
+            raise ImageLoadError(name, msg.split(": ", 1)[1])
+        if min_size_policy != "upsample":
+            raise ValueError(f"unknown min_size_policy {min_size_policy!r}")
+        warnings.warn(msg + "; it is upsampled", SmallImageWarning, stacklevel=2)
+    if method == "dgp":
+        square = center_crop_long_edge(img, rounding="half_even")
+        resample = Image.Resampling.BILINEAR
+    elif method == "pggan":
+        square = center_crop_long_edge(img, rounding="floor")
+        resample = Image.Resampling.LANCZOS
+    else:
+        raise ValueError(f"unknown preprocessing method {method!r}; use 'dgp' or 'pggan'")
+    if square.size != (resolution, resolution):
+        square = square.resize((resolution, resolution), resample)
+    return to_tensor(square)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+def save_image(
+    tensor: torch.Tensor,
+    path: str | os.PathLike[str],
+    *,
+    value_range: tuple[float, float] = (-1.0, 1.0),
+) -> None:
+    """Write a [3, H, W] (or [1, 3, H, W], or [H, W] gray) tensor as an 8-bit image.
+
+    The conversion is the reference's truncating one: uint8(255 * (x - lo) / (hi - lo)), i.e.
+    uint8(255 * (x + 1) / 2) for the default [-1, 1] range (DGP SPEC §11) and uint8(255 * x)
+    for ``value_range=(0, 1)``. Values are clipped to [0, 255] first, because a float to
+    uint8 cast of an out-of-range value wraps around. The format follows the suffix.
+    """
+    x = tensor.detach().to("cpu", torch.float32)
+    if x.dim() == 4:
+        if x.shape[0] != 1:
+            raise ValueError(f"save_image takes one image, got a batch of {x.shape[0]}")
+        x = x[0]
+    lo, hi = value_range
+    if hi <= lo:
+        raise ValueError(f"value_range must be increasing, got {value_range}")
+    # Same operation order as the reference for [-1, 1]: (x + 1) / 2, then * 255.
+    arr = ((x - lo) / (hi - lo) * 255.0).numpy()
+    arr = np.clip(arr, 0, 255).astype(np.uint8)
+    if arr.ndim == 3:
+        if arr.shape[0] == 1:
+            arr = arr[0]
+        elif arr.shape[0] == 3:
+            arr = np.ascontiguousarray(arr.transpose(1, 2, 0))
+        else:
+            raise ValueError(f"expected 1 or 3 channels, got shape {tuple(tensor.shape)}")
+    elif arr.ndim != 2:
+        raise ValueError(f"expected [3,H,W], [1,3,H,W] or [H,W], got {tuple(tensor.shape)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)

@@ -1,0 +1,119 @@
+"""Adam over stacked per-image parameters.
+
+Every tensor an image fine-tunes is stored stacked, with the image as dimension 0 (see
+docs/architecture.md). Adam is element-wise, so one Adam over the stacked tensors is B
+independent Adams, as long as two things stay per image:
+
+- the learning rate: each group's ``lr`` is a ``[B]`` tensor, so images in different stages
+  of the progressive schedule (one stopped its stage early) get their own rates;
+- the step count used by the bias correction, and whether a step happens at all: images that
+  have finished are frozen (no update, no moment decay, no step).
+
+The arithmetic is torch.optim.Adam's single-tensor path (torch >= 1.3: eps added after the bias
+correction; DGP SPEC §12.15), with the bias corrections and step size computed in float64 as
+torch does with its Python scalars, so that B = 1 matches ``torch.optim.Adam`` to rounding.
+
+DGP's progressive unfreezing keeps *frozen* blocks inside the optimizer with lr 0: their
+moments and step counts keep building up (SPEC §6.2 step 6, quirk 2). Here that falls out
+naturally: a group with lr 0 for an image still updates that image's moments and step.
+This differs from Lightning's ``BaseFinetuning``, which adds parameter groups only when they
+are unfrozen and so starts their Adam state from zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+class PerImageAdam(torch.optim.Optimizer):
+    def __init__(
+        self,
+        params: Iterable[dict[str, Any]],
+        batch_size: int,
+        betas: tuple[float, float] = (0.0, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        self.batch_size = batch_size
+        defaults = {"lr": torch.zeros(batch_size, dtype=torch.float64), "betas": betas, "eps": eps}
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.shape[0] != batch_size:
+                    raise ValueError(
+                        f"parameter of shape {tuple(p.shape)} in group {group.get('name')!r} "
+                        f"is not stacked over {batch_size} images"
+                    )
+            group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float64).expand(batch_size).clone()
+        # Images that take part in the next step; finished images are frozen.
+        self.active = torch.ones(batch_size, dtype=torch.bool)
+        self.image_steps = torch.zeros(batch_size, dtype=torch.float64)
+
+    def set_lrs(self, lrs: dict[str, Tensor]) -> None:
+        """Set every group's per-image learning rates ([B] float64 tensors), by group name."""
+        for group in self.param_groups:
+            group["lr"] = lrs[group["name"]]
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        active = self.active
+        if not bool(active.any()):
+            return loss
+        all_active = bool(active.all())
+        # One step count per image, shared by every tensor of that image (they always step
+        # together); kept in each tensor's state so that state_dict() round-trips.
+        self.image_steps += active.to(torch.float64)
+        safe_step = self.image_steps.clamp(min=1.0)
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            eps = group["eps"]
+            bias_correction1 = 1.0 - beta1**safe_step
+            bias_correction2_sqrt = (1.0 - beta2**safe_step).sqrt()
+            step_size = group["lr"] / bias_correction1
+            cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor, Tensor]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                state = self.state[p]
+                if not state:
+                    state["step"] = self.image_steps
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                key = (p.device, p.dtype)
+                if key not in cache:
+                    cache[key] = (
+                        step_size.to(device=p.device, dtype=p.dtype),
+                        bias_correction2_sqrt.to(device=p.device, dtype=p.dtype),
+                        active.to(p.device),
+                    )
+                step_size_t, bc2_t, mask_t = cache[key]
+                view = (self.batch_size,) + (1,) * (p.dim() - 1)
+                step_size_t, bc2_t = step_size_t.view(view), bc2_t.view(view)
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                if all_active:
+                    exp_avg.lerp_(grad, 1 - beta1)
+                    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                    denom = (exp_avg_sq.sqrt() / bc2_t).add_(eps)
+                    p.sub_(step_size_t * (exp_avg / denom))
+                else:
+                    mask = mask_t.view(view)
+                    exp_avg.copy_(torch.where(mask, exp_avg.lerp(grad, 1 - beta1), exp_avg))
+                    new_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+                    exp_avg_sq.copy_(torch.where(mask, new_sq, exp_avg_sq))
+                    denom = (exp_avg_sq.sqrt() / bc2_t).add_(eps)
+                    update = step_size_t * (exp_avg / denom)
+                    p.sub_(torch.where(mask, update, torch.zeros_like(update)))
+        return loss
+
+    def reset_state(self) -> None:
+        """Forget every moment and step count (a fresh optimizer for a new batch of images)."""
+        self.state.clear()
+        self.image_steps = torch.zeros(self.batch_size, dtype=torch.float64)

@@ -51,3 +51,22 @@ def test_inactive_image_is_frozen_and_keeps_its_step_count() -> None:
     torch.testing.assert_close(p.detach()[1], ref1, rtol=0, atol=1e-7)
     ref0 = _run_reference(p0[0], [g[0] for g in grads], [1e-2] * 4)
     torch.testing.assert_close(p.detach()[0], ref0, rtol=0, atol=1e-7)
+
+
+def test_masked_tensor_skips_steps_like_a_none_grad() -> None:
+    """torch Adam skips a tensor whose grad is None; a mask key reproduces that per image."""
+    torch.manual_seed(2)
+    p0 = torch.randn(2, 3)
+    grads = [torch.randn(2, 3) for _ in range(5)]
+    uses = [True, False, False, True, True]  # image 0's tensor gets no grad on steps 1 and 2
+    p = p0.clone().requires_grad_(True)
+    opt = PerImageAdam([{"params": [p], "name": "g", "lr": 1e-2, "mask_keys": ["bn"]}], batch_size=2)
+    for t in range(5):
+        opt.masks = {"bn": torch.tensor([uses[t], True])}
+        p.grad = grads[t].clone()
+        opt.step()
+    ref = torch.optim.Adam([q := p0[0].clone().requires_grad_(True)], lr=1e-2, betas=(0.0, 0.999))
+    for t in range(5):
+        q.grad = grads[t][0].clone() if uses[t] else None
+        ref.step()
+    torch.testing.assert_close(p.detach()[0], q.detach(), rtol=0, atol=1e-7)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import math
 from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -57,6 +56,7 @@ __all__ = [
     "center_hole_box",
     "lanczos_kernel",
     "replication_pad_size",
+    "truncate_to_uint8",
 ]
 
 ValueRange = tuple[float, float]
@@ -383,22 +383,22 @@ class MaskImage(Masking):
 _LANCZOS_SUPPORT = {"lanczos2": 2, "lanczos3": 3}
 
 
-def _lanczos_1d(factor: int, support: int, phase: float) -> list[float]:
-    # DIP's Downsampler kernel (DIP SPEC §5.1): nominal width 2*a*f + 1, centre (width + 1)/2,
-    # 1-based taps; phase 0.5 drops one tap and shifts by half a pixel.
+def _lanczos_distances(factor: int, support: int, phase: float) -> np.ndarray:
+    # DIP's Downsampler (DIP SPEC §5.1): nominal width 2*a*f + 1, centre (width + 1)/2, 1-based
+    # taps; phase 0.5 drops one tap and shifts the taps by half a pixel.
     width = 2 * support * factor + 1
     center = (width + 1) / 2
     taps = width - 1 if phase == 0.5 else width
-    values = []
-    for t in range(1, taps + 1):
-        d = abs(t + phase - center) / factor
-        if d == 0:
-            values.append(1.0)
-        else:
-            # The reference's grouping: (a sin(pi d) sin(pi d / a)) / (pi^2 d^2), in float64.
-            num = support * math.sin(math.pi * d) * math.sin(math.pi * d / support)
-            values.append(num / (math.pi * math.pi * d * d))
-    return values
+    return np.abs(np.arange(1, taps + 1) + phase - center) / factor
+
+
+def _lanczos_step(value: np.ndarray, d: np.ndarray, support: int) -> np.ndarray:
+    """Multiply `value` by L(d), grouped as the reference does: ((v*a*sin(pi d))*sin(pi d/a))
+    / (pi*pi*d*d), and left unchanged where d == 0 (L(0) = 1)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scaled = value * support * np.sin(np.pi * d) * np.sin(np.pi * d / support)
+        scaled = scaled / (np.pi * np.pi * d * d)
+    return np.where(d == 0, value, scaled)
 
 
 def lanczos_kernel(
@@ -406,8 +406,11 @@ def lanczos_kernel(
 ) -> Tensor:
     """The float64 [K, K] Lanczos kernel of DIP's Downsampler (also DGP's, SPEC §7).
 
-    K = 2*a*f for phase 0.5 (16x16 for Lanczos2 x4), 2*a*f + 1 for phase 0. The 2-D kernel is
-    the outer product of the 1-D taps, normalised to sum 1 in float64.
+    K = 2*a*f for phase 0.5 (16x16 for Lanczos2 x4), 2*a*f + 1 for phase 0; entry (i, j) is
+    L(d_i) L(d_j), normalised to sum 1. It equals the outer product of normalised 1-D taps up
+    to float64 rounding; applying the row factor then the column factor in the reference's
+    grouping, and normalising with numpy's (pairwise) sum, makes it bit-identical to the
+    fixtures' kernels.
     """
     if kernel not in _LANCZOS_SUPPORT:
         raise ValueError(
@@ -415,14 +418,26 @@ def lanczos_kernel(
         )
     if phase not in (0.0, 0.5):
         raise ValueError(f"phase={phase!r} is not valid; valid options: [0, 0.5]")
-    taps = torch.tensor(_lanczos_1d(factor, _LANCZOS_SUPPORT[kernel], phase), dtype=torch.float64)
-    k2d = taps[:, None] * taps[None, :]
-    return k2d / k2d.sum()
+    support = _LANCZOS_SUPPORT[kernel]
+    d = _lanczos_distances(factor, support, phase)
+    rows = _lanczos_step(np.ones((d.size, 1)), d[:, None], support)
+    k2d = _lanczos_step(rows, d[None, :], support)
+    return torch.from_numpy(k2d / k2d.sum())
 
 
 def replication_pad_size(kernel_size: int, factor: int) -> int:
     """preserve_size padding of the Downsampler: (K - f)/2 for even K, (K - 1)/2 for odd K."""
     return (kernel_size - factor) // 2 if kernel_size % 2 == 0 else (kernel_size - 1) // 2
+
+
+def truncate_to_uint8(unit: Tensor) -> Tensor:
+    """[0, 1] floats -> uint8 as the references do: x255, clip, then a **truncating** cast.
+
+    Not rounding (DGP SPEC §12.11): for DGP's [-1, 1] images, (v/255 - 0.5)/0.5 mapped back
+    lands just below the integer for about 36 % of values, which then drop one level. For
+    uint8/255 images on [0, 1] the cast is exact.
+    """
+    return (unit * 255).clamp(0, 255).to(torch.uint8)
 
 
 class Downsample(Degradation):
@@ -522,8 +537,7 @@ class Downsample(Degradation):
         """PIL LANCZOS resize of each image's truncated uint8 version; returns [0, 1] float."""
         h, w = unit.shape[-2:]
         size = (w // self.factor, h // self.factor)
-        # The truncating cast is the reference's (SPEC §12.11), not a rounding one.
-        as_uint8 = (unit * 255).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        as_uint8 = truncate_to_uint8(unit).permute(0, 2, 3, 1).cpu().numpy()
         lows = []
         for image in as_uint8:
             pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
@@ -598,8 +612,8 @@ class JPEG(Degradation):
 
     def __init__(self, quality: int = 10, value_range: Sequence[float] = (-1.0, 1.0)) -> None:
         super().__init__(value_range)
-        if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 95:
-            raise ValueError(f"JPEG quality must be an int in [1, 95]; got {quality!r}")
+        if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+            raise ValueError(f"JPEG quality must be an int in [1, 100]; got {quality!r}")
         self.quality = quality
 
     def apply(self, x: Tensor, ids: Ids = None) -> Tensor:

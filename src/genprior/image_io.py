@@ -11,6 +11,8 @@ Two preprocessing recipes exist because the priors were trained on differently p
   a PIL *Lanczos* ("ANTIALIAS") resize, which is how the LSUN training sets of the PGGAN priors
   used by mGANprior were made. On the 256x256 targets that mGANprior expects it is the identity,
   matching mGANprior's "never resize" behaviour (mGANprior SPEC §3.4).
+* ``"none"``: no crop and no resize, for methods that work at the image's own size (DIP crops
+  to a multiple of 32 or 64 itself, DIP SPEC §7.1); the result is [3, H, W].
 
 Outputs are written with `save_image`, which truncates to uint8 like the reference
 (uint8(255 * (x + 1) / 2), DGP SPEC §11).
@@ -18,6 +20,7 @@ Outputs are written with `save_image`, which truncates to uint8 like the referen
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -47,7 +50,7 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 
 AlphaPolicy = Literal["drop", "white"]
 MinSizePolicy = Literal["upsample", "error"]
-PreprocessMethod = Literal["dgp", "pggan"]
+PreprocessMethod = Literal["dgp", "pggan", "none"]
 
 
 class ImageLoadError(Exception):
@@ -107,8 +110,6 @@ def decode_image(data: bytes, *, name: str = "<bytes>", alpha: AlphaPolicy = "dr
 
     ``name`` is only used in error messages and warnings (a path, or an LMDB key).
     """
-    import io
-
     if len(data) == 0:
         raise ImageLoadError(name, "file is empty (0 bytes)")
     try:
@@ -118,7 +119,8 @@ def decode_image(data: bytes, *, name: str = "<bytes>", alpha: AlphaPolicy = "dr
     except Image.DecompressionBombError as err:
         raise ImageLoadError(name, f"refused by PIL's decompression-bomb check ({err})") from err
     except (OSError, ValueError, SyntaxError) as err:
-        raise ImageLoadError(name, f"cannot parse image header ({err})") from err
+        # Some decoders (WebP) decode everything on open, so a truncated body fails here too.
+        raise ImageLoadError(name, f"corrupt or truncated image ({err})") from err
     try:
         # Image.open only reads the header; force the full decode here so that a truncated
         # or corrupt body fails now, with the file's name, and not later inside a transform.
@@ -227,7 +229,8 @@ def crop_box_long_edge(
     w, h = size_wh
     s = min(w, h)
     if rounding == "half_even":
-        left, top = int(round((w - s) / 2.0)), int(round((h - s) / 2.0))
+        # Python 3 round() is half-to-even and returns an int, as torchvision relies on.
+        left, top = round((w - s) / 2.0), round((h - s) / 2.0)
     elif rounding == "floor":
         left, top = (w - s) // 2, (h - s) // 2
     else:
@@ -268,7 +271,8 @@ def preprocess(
 ) -> torch.Tensor:
     """RGB PIL image -> float32 [3, R, R] in [-1, 1], as the reference prepares its targets.
 
-    ``method`` selects the recipe (see the module docstring). An image whose square crop is
+    ``method`` selects the recipe (see the module docstring; ``"none"`` returns [3, H, W] and
+    ignores ``resolution``). An image whose square crop is
     smaller than ``resolution`` is upsampled like the reference does, but with a
     `SmallImageWarning` that names the image and both sizes (``min_size_policy="upsample"``),
     or rejected with `ImageLoadError` (``"error"``).
@@ -276,6 +280,8 @@ def preprocess(
     if resolution <= 0:
         raise ValueError(f"resolution must be positive, got {resolution}")
     img = to_rgb8(img, name=name)
+    if method == "none":
+        return to_tensor(img)
     w, h = img.size
     if min(w, h) < resolution:
         msg = (
@@ -294,7 +300,7 @@ def preprocess(
         square = center_crop_long_edge(img, rounding="floor")
         resample = Image.Resampling.LANCZOS
     else:
-        raise ValueError(f"unknown preprocessing method {method!r}; use 'dgp' or 'pggan'")
+        raise ValueError(f"unknown preprocessing method {method!r}; use 'dgp', 'pggan' or 'none'")
     if square.size != (resolution, resolution):
         square = square.resize((resolution, resolution), resample)
     return to_tensor(square)

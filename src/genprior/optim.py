@@ -51,6 +51,17 @@ class PerImageAdam(torch.optim.Optimizer):
         # Images that take part in the next step; finished images are frozen.
         self.active = torch.ones(batch_size, dtype=torch.bool)
         self.image_steps = torch.zeros(batch_size, dtype=torch.float64)
+        # Tensors that torch.optim.Adam would skip on some steps (their .grad is None there,
+        # e.g. DGP's conditional-BN linears while instance norm replaces BN) carry a mask key;
+        # ``masks[key]`` then says which images step them, with their own step counts.
+        self.masks: dict[str, Tensor] = {}
+        self.masked_steps: dict[str, Tensor] = {}
+        self._mask_key: dict[int, str] = {}
+        for group in self.param_groups:
+            for p, key in zip(group["params"], group.get("mask_keys", [None] * len(group["params"]))):
+                if key is not None:
+                    self._mask_key[id(p)] = key
+                    self.masked_steps.setdefault(key, torch.zeros(batch_size, dtype=torch.float64))
 
     def set_lrs(self, lrs: dict[str, Tensor]) -> None:
         """Set every group's per-image learning rates ([B] float64 tensors), by group name."""
@@ -63,42 +74,49 @@ class PerImageAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        active = self.active
-        if not bool(active.any()):
+        if not bool(self.active.any()):
             return loss
-        all_active = bool(active.all())
-        # One step count per image, shared by every tensor of that image (they always step
-        # together); kept in each tensor's state so that state_dict() round-trips.
-        self.image_steps += active.to(torch.float64)
-        safe_step = self.image_steps.clamp(min=1.0)
+        # One step count per image, shared by every tensor of that image that steps with it;
+        # kept in each tensor's state so that state_dict() round-trips.
+        self.image_steps += self.active.to(torch.float64)
+        steps = {None: (self.active, self.image_steps)}
+        for key, counts in self.masked_steps.items():
+            mask = self.active & self.masks.get(key, torch.ones_like(self.active))
+            counts += mask.to(torch.float64)
+            steps[key] = (mask, counts)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             eps = group["eps"]
-            bias_correction1 = 1.0 - beta1**safe_step
-            bias_correction2_sqrt = (1.0 - beta2**safe_step).sqrt()
-            step_size = group["lr"] / bias_correction1
-            cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor, Tensor]] = {}
+            cache: dict[tuple[Any, torch.device, torch.dtype], tuple[Tensor, Tensor, Tensor, bool]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                grad = p.grad
+                key = self._mask_key.get(id(p))
+                mask_cpu, counts = steps[key]
                 state = self.state[p]
                 if not state:
-                    state["step"] = self.image_steps
+                    state["step"] = counts
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                key = (p.device, p.dtype)
-                if key not in cache:
-                    cache[key] = (
+                ck = (key, p.device, p.dtype)
+                if ck not in cache:
+                    safe = counts.clamp(min=1.0)
+                    step_size = group["lr"] / (1.0 - beta1**safe)
+                    bc2 = (1.0 - beta2**safe).sqrt()
+                    cache[ck] = (
                         step_size.to(device=p.device, dtype=p.dtype),
-                        bias_correction2_sqrt.to(device=p.device, dtype=p.dtype),
-                        active.to(p.device),
+                        bc2.to(device=p.device, dtype=p.dtype),
+                        mask_cpu.to(p.device),
+                        bool(mask_cpu.all()),
                     )
-                step_size_t, bc2_t, mask_t = cache[key]
+                step_size_t, bc2_t, mask_t, all_on = cache[ck]
+                if not all_on and not bool(mask_cpu.any()):
+                    continue
                 view = (self.batch_size,) + (1,) * (p.dim() - 1)
                 step_size_t, bc2_t = step_size_t.view(view), bc2_t.view(view)
+                grad = p.grad
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                if all_active:
+                if all_on:
                     exp_avg.lerp_(grad, 1 - beta1)
                     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                     denom = (exp_avg_sq.sqrt() / bc2_t).add_(eps)
@@ -117,3 +135,5 @@ class PerImageAdam(torch.optim.Optimizer):
         """Forget every moment and step count (a fresh optimizer for a new batch of images)."""
         self.state.clear()
         self.image_steps = torch.zeros(self.batch_size, dtype=torch.float64)
+        for key in self.masked_steps:
+            self.masked_steps[key] = torch.zeros(self.batch_size, dtype=torch.float64)

@@ -1,0 +1,183 @@
+"""``train.py``: restore the given images by fitting a prior to each one.
+
+Reads top to bottom like the experiment: compose the config, load the images, build the prior,
+degradation and method, then for every batch of B images run a Lightning ``Trainer.fit`` in
+which one training step is one optimisation step, and write each image's files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import traceback
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+
+from genprior.config import compose_or_exit, to_yaml
+
+log = logging.getLogger("genprior")
+
+
+@dataclass
+class ImageItem:
+    """One input image: its tensor (or the reason it cannot be used), class and id."""
+
+    id: str
+    path: str
+    image: torch.Tensor | None
+    class_id: int = -1
+    error: str | None = None
+
+
+def image_generator(seed: int, image_id: str) -> torch.Generator:
+    """Each image's own RNG stream, independent of batch size, order and rank."""
+    digest = hashlib.sha256(f"{seed}:{image_id}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def run_train(argv: Sequence[str]) -> int:
+    cfg = compose_or_exit(argv, "train.py")
+    if cfg is None:
+        return 0
+    out = Path(cfg.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+
+    from genprior.factory import build_runner, load_items
+
+    items = load_items(cfg)
+    runner = build_runner(cfg)
+    rows = runner.run(items, out)
+    _write_results(rows, out)
+    _print_summary(rows, out, cfg)
+    return 0 if any(r["status"] == "ok" for r in rows) or not rows else 1
+
+
+def fit_batch(
+    cfg: DictConfig, method: Any, out: Path, previous_optimizer: Any = None,
+    loggers: list[Any] | None = None, extra_callbacks: list[Any] | None = None,
+) -> tuple[list[dict[str, Any]], Any]:
+    """Fit one batch of images already loaded into ``method``; returns rows and the optimizer."""
+    from genprior.callbacks.outputs import ImageOutputs, LossLogger, StageSnapshots
+    from genprior.reconstruction import Reconstruction, StepLoader
+
+    snapshots = StageSnapshots(print_interval=method.print_interval)
+    outputs = ImageOutputs(out, snapshots)
+    betas = tuple(method.betas)
+    module = Reconstruction(method, betas=betas, eps=method.eps, previous_optimizer=previous_optimizer)
+    callbacks = [snapshots, LossLogger(cfg.logger.log_every_n_steps), outputs, *(extra_callbacks or [])]
+    trainer = L.Trainer(
+        accelerator=cfg.trainer.accelerator if cfg.trainer.accelerator != "auto" else "auto",
+        devices=1,
+        precision=cfg.trainer.precision,
+        max_steps=method.total_steps(),
+        max_epochs=1,
+        logger=loggers if loggers else False,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=cfg.trainer.enable_progress_bar,
+        log_every_n_steps=max(1, cfg.logger.log_every_n_steps),
+        num_sanity_val_steps=0,
+        deterministic=cfg.trainer.deterministic,
+        default_root_dir=str(out),
+    )
+    trainer.fit(module, train_dataloaders=StepLoader(method.total_steps()))
+    return outputs.results, module.optimizer
+
+
+def make_loggers(cfg: DictConfig, out: Path) -> list[Any]:
+    kind = cfg.logger.kind
+    if kind == "none":
+        return []
+    if kind == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return [CSVLogger(save_dir=str(out), name="logs", version="")]
+    if kind == "wandb":
+        from genprior.wandb_utils import make_wandb_logger
+
+        return [make_wandb_logger(cfg, out)]
+    raise ValueError(f"unknown logger.kind {kind!r}; use csv, wandb or none")
+
+
+def _write_results(rows: list[dict[str, Any]], out: Path) -> None:
+    with (out / "results.jsonl").open("w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, default=str) + "\n")
+
+
+def _print_summary(rows: list[dict[str, Any]], out: Path, cfg: DictConfig) -> None:
+    print(f"\ngenprior: {cfg.prior.name} / {cfg.task.name} on {len(rows)} image(s)")
+    for row in rows:
+        if row["status"] != "ok":
+            print(f"  {row['id']}: FAILED - {row.get('error')}")
+            continue
+        parts = []
+        if "observation_psnr" in row:
+            parts.append(f"observation PSNR {row['observation_psnr']:.2f} dB")
+        if "psnr" in row:
+            parts.append(f"result PSNR {row['psnr']:.2f} dB")
+        if "ssim" in row:
+            parts.append(f"SSIM {row['ssim']:.4f}")
+        print(f"  {row['id']}: " + ", ".join(parts) + f" ({row.get('seconds', 0):.1f} s)")
+    print(f"outputs: {out.resolve()}")
+
+
+def failed_row(item: ImageItem, error: str) -> dict[str, Any]:
+    return {"id": item.id, "path": item.path, "class": item.class_id, "status": "failed", "error": error}
+
+
+def run_batches(cfg: DictConfig, items: list[ImageItem], out: Path, prepare: Any) -> list[dict[str, Any]]:
+    """Group usable images into batches of B, fit each, and never let one image sink the rest.
+
+    ``prepare(batch_items)`` returns a method loaded with those images. A batch that raises is
+    retried image by image, so the error lands on the image that caused it.
+    """
+    rows: list[dict[str, Any]] = []
+    usable = []
+    for item in items:
+        if item.error is not None:
+            print(f"genprior: skipping {item.path}: {item.error}")
+            rows.append(failed_row(item, item.error))
+        else:
+            usable.append(item)
+    B = max(1, int(cfg.trainer.batch_size))
+    loggers = make_loggers(cfg, out)
+    previous_optimizer = None
+    carry = bool(cfg.prior.kind == "biggan" and cfg.dgp.carry_optimizer_state)
+    queue = [usable[i : i + B] for i in range(0, len(usable), B)]
+    while queue:
+        batch = queue.pop(0)
+        start = time.perf_counter()
+        try:
+            method = prepare(batch)
+            batch_rows, opt = fit_batch(cfg, method, out, previous_optimizer if carry else None, loggers)
+            previous_optimizer = opt
+        except Exception as err:  # noqa: BLE001 - one bad image must not cost the others
+            if len(batch) > 1:
+                queue = [[item] for item in batch] + queue
+                continue
+            reason = f"{type(err).__name__}: {err}"
+            log.debug("image %s failed:\n%s", batch[0].id, traceback.format_exc())
+            print(f"genprior: image {batch[0].path} failed: {reason}")
+            rows.append(failed_row(batch[0], reason))
+            continue
+        seconds = (time.perf_counter() - start) / len(batch)
+        for item, row in zip(batch, batch_rows):
+            row.update({"path": item.path, "seconds": seconds})
+            rows.append(row)
+    return rows

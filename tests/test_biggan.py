@@ -348,9 +348,12 @@ def _assert_grads_close(stacked: dict[str, Tensor], single: Generator, b: int) -
             assert ref is None, name
             continue
         ref = torch.zeros_like(grad[b]) if ref is None else ref
-        # atol relative to the largest gradient: conv1.bias feeds an instance norm under use_in,
-        # so its exact gradient is 0 and both sides hold rounding noise only.
-        torch.testing.assert_close(grad[b], ref, rtol=1e-3, atol=2e-5 * scale, msg=name)
+        # float32 gradients through ten layers: the batch-1 kernels themselves are ~1e-4 (of the
+        # tensor's largest entry) away from a float64 run, the grouped ones ~1e-6. The global
+        # term covers conv1.bias under use_in: it feeds an instance norm, so its exact gradient
+        # is 0 and both sides hold rounding noise only.
+        atol = 5e-4 * ref.abs().max().item() + 2e-5 * scale
+        torch.testing.assert_close(grad[b], ref, rtol=1e-3, atol=atol, msg=name)
 
 
 @pytest.mark.shared

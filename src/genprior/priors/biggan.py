@@ -839,5 +839,5 @@ def stack_per_image(module: nn.Module, names: Sequence[str], n_images: int) -> d
     for name in names:
         t = tensors[name]
         copy = t.detach().unsqueeze(0).repeat(n_images, *([1] * t.dim()))
-        stacked[name] = copy.requires_grad_(t.requires_grad and isinstance(t, nn.Parameter))
+        stacked[name] = copy.requires_grad_(t.requires_grad)
     return stacked

@@ -27,7 +27,7 @@ from genprior.image_io import save_image
 def image_grid(frames: list[Tensor], ncol: int | None = None, normalize: bool = True) -> Tensor:
     """Tile [3,H,W] frames (any range) into one image; min-max normalised like the reference."""
     n = len(frames)
-    ncol = ncol or max(1, int(math.floor(math.sqrt(n))))
+    ncol = ncol or max(1, math.isqrt(n))
     nrow = math.ceil(n / ncol)
     _, h, w = frames[0].shape
     pad = 2

@@ -339,7 +339,7 @@ def _expected_type(base: DictConfig, key: str) -> str:
         node = base._get_node(key.split(".")[0])
         for part in key.split(".")[1:]:
             node = node._get_node(part)  # type: ignore[union-attr]
-        return getattr(node, "_metadata").ref_type.__name__  # type: ignore[union-attr]
+        return node._metadata.ref_type.__name__  # type: ignore[union-attr]
     except Exception:
         return ""
 

@@ -80,6 +80,7 @@ def fit_batch(
 ) -> tuple[list[dict[str, Any]], Any]:
     """Fit one batch of images already loaded into ``method``; returns rows and the optimizer."""
     from genprior.callbacks.outputs import ImageOutputs, LossLogger, StageSnapshots
+    from genprior.callbacks.progress import StageProgressBar
     from genprior.reconstruction import Reconstruction, StepLoader
 
     snapshots = StageSnapshots(print_interval=method.print_interval)
@@ -87,6 +88,8 @@ def fit_batch(
     betas = tuple(method.betas)
     module = Reconstruction(method, betas=betas, eps=method.eps, previous_optimizer=previous_optimizer)
     callbacks = [snapshots, LossLogger(cfg.logger.log_every_n_steps), outputs, *(extra_callbacks or [])]
+    if cfg.trainer.enable_progress_bar:
+        callbacks.append(StageProgressBar())
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator if cfg.trainer.accelerator != "auto" else "auto",
         devices=1,

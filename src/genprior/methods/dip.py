@@ -118,6 +118,9 @@ class DIPSettings:
     reflect_pad: int = 0  # restoration barbara: reflection-pad the image by 1 pixel first
     crop_multiple: int = 32  # notebooks centre-crop H and W to multiples of this
 
+    # Execution only (no effect on results beyond float rounding): how B nets run together
+    batched_forward: str = "auto"  # auto (loop on CPU, vmap on CUDA) | loop | vmap
+
     def skip_kwargs(self, num_input_channels: int, num_output_channels: int) -> dict:
         """Keyword arguments of ``genprior.priors.dip.skip`` for this run."""
         n = len(self.num_channels_down)
@@ -412,7 +415,8 @@ class DIPMethod(nn.Module):
                         settings.input_var,
                     )
             built[s] = (net, z)
-        self.nets = StackedNets([built[s][0] for s in seeds]).to(device)
+        self.nets = StackedNets([built[s][0] for s in seeds], settings.batched_forward)
+        self.nets.to(device)
         if net_input is None:
             net_input = torch.cat([built[s][1] for s in seeds])
         # net_input_saved of the notebooks: never modified, never optimised (OPT_OVER = 'net').

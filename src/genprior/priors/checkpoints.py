@@ -17,7 +17,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -324,7 +324,9 @@ def load_biggan(
     map_location: Any = "cpu",
     random_G: bool = False,
 ) -> tuple[Generator, Discriminator | None]:
-    """Build the named BigGAN (or from Generator kwargs) and load its published weights.
+    """Build the named BigGAN and load its published weights.
+
+    ``name`` is a registry name or Generator kwargs (D then gets the same resolution and width).
 
     Files come from ``g_path``/``d_path`` if given, else from ``weights_dir`` with the
     reference's names. Both models end in eval mode (SPEC §5). With ``random_G`` nothing is
@@ -347,11 +349,11 @@ def load_biggan(
     device = torch.device(map_location) if isinstance(map_location, str | torch.device) else None
 
     if random_G:
-        G = _build("G", g_spec, device, fast=False)
+        G = cast(Generator, _build("G", g_spec, device, fast=False))
         orthogonal_init_(G)
         G.train()
-        D = _build("D", d_spec, device, fast=False).eval() if need_D else None
-        return G, D  # type: ignore[return-value]
+        D = cast(Discriminator, _build("D", d_spec, device, fast=False)).eval() if need_D else None
+        return G, D
 
     if g_path is None or (need_D and d_path is None):
         if weights_dir is None or suffix is None:
@@ -364,23 +366,23 @@ def load_biggan(
                     else " (this configuration has no published files)"
                 )
             )
-        found_g, found_d = find_biggan_files(weights_dir, suffix, use_ema, need_D=need_D)
-        g_path = g_path or found_g
-        d_path = d_path or found_d
+        g_name, d_name = _file_names(suffix, use_ema)
+        g_path = g_path or Path(weights_dir).expanduser() / g_name
+        d_path = d_path or Path(weights_dir).expanduser() / d_name
     needed = [Path(g_path)] + ([Path(d_path)] if need_D and d_path is not None else [])
     absent = [p for p in needed if not p.is_file()]
     if absent:
         raise _missing_files_error(absent, Path(weights_dir) if weights_dir else None)
 
-    G = _build("G", g_spec, device, fast=strict)
+    G = cast(Generator, _build("G", g_spec, device, fast=strict))
     load_checkpoint_into(
         G, g_path, role="G", strict=strict, map_location=map_location, label=f"generator {label}"
     )
     G.eval()
-    D = None
+    D: Discriminator | None = None
     if need_D:
         assert d_path is not None
-        D = _build("D", d_spec, device, fast=strict)
+        D = cast(Discriminator, _build("D", d_spec, device, fast=strict))
         load_checkpoint_into(
             D,
             d_path,
@@ -390,4 +392,4 @@ def load_biggan(
             label=f"discriminator {label}",
         )
         D.eval()
-    return G, D  # type: ignore[return-value]
+    return G, D

@@ -42,8 +42,17 @@ def image_grid(frames: list[Tensor], ncol: int | None = None, normalize: bool = 
 
 
 class StageSnapshots(L.Callback):
-    def __init__(self, print_interval: int = 100) -> None:
+    """Frames of every image: progress sheet, stage ends, and (optionally) every save_interval.
+
+    ``save_interval`` is the reference's per-stage list: x is saved at i = 0 and every
+    save_interval[s] iterations of stage s, as ``<out>/<id>/steps/s<stage>_i<iteration>.png``.
+    """
+
+    def __init__(self, print_interval: int = 100, save_interval: list[int] | None = None,
+                 out_dir: Path | None = None) -> None:
         self.print_interval = print_interval
+        self.save_interval = list(save_interval) if save_interval else None
+        self.out_dir = out_dir
         self.progress_frames: dict[int, list[Tensor]] = {}
         self.stage_frames: dict[int, list[Tensor]] = {}
 
@@ -52,23 +61,33 @@ class StageSnapshots(L.Callback):
         obs = method.observation_for_display()
         self.progress_frames = {b: [obs[b].cpu()] for b in range(method.batch_size)}
         self.stage_frames = {b: [obs[b].cpu()] for b in range(method.batch_size)}
-        self._prev_iteration = [0] * method.batch_size
+        self._position: list[tuple[int, int]] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        progress = getattr(pl_module.method, "progress", None)
+        if progress is not None:
+            # (stage, iteration) of every image for the step about to run
+            self._position = list(zip(progress.stage, progress.iteration))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         x, record = pl_module.last_x, pl_module.last_record
-        if x is None:
+        if x is None or not self._position:
             return
         x = pl_module.method.display(x)
-        active = record.active.tolist()
-        for b, was_active in enumerate(active):
+        for b, was_active in enumerate(record.active.tolist()):
             if not was_active:
                 continue
-            i = self._prev_iteration[b]
+            stage, i = self._position[b]
             if i == 0 or (i + 1) % self.print_interval == 0:
                 self.progress_frames[b].append(x[b].cpu())
             if pl_module.last_stage_ended[b]:
                 self.stage_frames[b].append(x[b].cpu())
-            self._prev_iteration[b] = 0 if pl_module.last_stage_ended[b] else i + 1
+            if self.save_interval and self.out_dir is not None and stage < len(self.save_interval):
+                every = self.save_interval[stage]
+                if i == 0 or (every > 0 and i % every == 0):
+                    image_id = pl_module.method.ids[b]
+                    save_image(x[b], self.out_dir / _safe(image_id) / "steps" / f"s{stage + 1}_i{i:05d}.png",
+                               value_range=(0.0, 1.0))
 
 
 class LossLogger(L.Callback):

@@ -25,7 +25,8 @@ def _rows(out: Path) -> dict[str, dict]:
 def test_train_py_on_a_real_image_writes_every_output(shared_dir: Path, tmp_path: Path) -> None:
     img = shared_dir / "data" / "dgp" / "ILSVRC2012_val_00003004.JPEG"
     out = tmp_path / "run"
-    assert run_train([*BASE, f"data.source={img}", "data.class_id=693", f"output.dir={out}"]) == 0
+    assert run_train([*BASE, f"data.source={img}", "data.class_id=693", f"output.dir={out}",
+                      "dgp.save_interval=[2,2,2,2,2]"]) == 0
     folder = out / "ILSVRC2012_val_00003004"
     for name in ("result.png", "observation.png", "target.png", "stages.png", "progress.png",
                  "metrics.json", "losses.csv", "loss_curve.png", "colorization2.png"):
@@ -37,6 +38,8 @@ def test_train_py_on_a_real_image_writes_every_output(shared_dir: Path, tmp_path
     assert len((folder / "losses.csv").read_text().splitlines()) == 13
     # 6 frames: the observation and the end of each of the 5 stages
     assert Image.open(folder / "stages.png").size[0] > 5 * 128
+    # save_interval=[2,...]: x at i = 0 and every 2 iterations of each stage
+    assert len(list((folder / "steps").glob("s1_i*.png"))) == 2
 
 
 @pytest.mark.shared

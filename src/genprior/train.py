@@ -83,7 +83,8 @@ def fit_batch(
     from genprior.callbacks.progress import StageProgressBar
     from genprior.reconstruction import Reconstruction, StepLoader
 
-    snapshots = StageSnapshots(print_interval=method.print_interval)
+    save_interval = list(cfg.dgp.save_interval) if cfg.prior.kind == "biggan" and cfg.dgp.save_interval else None
+    snapshots = StageSnapshots(print_interval=method.print_interval, save_interval=save_interval, out_dir=out)
     outputs = ImageOutputs(out, snapshots)
     betas = tuple(method.betas)
     module = Reconstruction(method, betas=betas, eps=method.eps, previous_optimizer=previous_optimizer)
@@ -144,6 +145,8 @@ def _print_summary(rows: list[dict[str, Any]], out: Path, cfg: DictConfig) -> No
             parts.append(f"result PSNR {row['psnr']:.2f} dB")
         if "ssim" in row:
             parts.append(f"SSIM {row['ssim']:.4f}")
+        if isinstance(row.get("outputs"), dict):  # manipulation rows (genprior.manipulation)
+            parts.append(f"{row['task']}: {row['outputs'].get('gif') or row['outputs'].get('sheet')}")
         print(f"  {row['id']}: " + ", ".join(parts) + f" ({row.get('seconds', 0):.1f} s)")
     print(f"outputs: {out.resolve()}")
 
@@ -152,11 +155,15 @@ def failed_row(item: ImageItem, error: str) -> dict[str, Any]:
     return {"id": item.id, "path": item.path, "class": item.class_id, "status": "failed", "error": error}
 
 
-def run_batches(cfg: DictConfig, items: list[ImageItem], out: Path, prepare: Any) -> list[dict[str, Any]]:
+def run_batches(
+    cfg: DictConfig, items: list[ImageItem], out: Path, prepare: Any,
+    loggers: list[Any] | None = None, callbacks: list[Any] | None = None,
+) -> list[dict[str, Any]]:
     """Group usable images into batches of B, fit each, and never let one image sink the rest.
 
     ``prepare(batch_items)`` returns a method loaded with those images. A batch that raises is
-    retried image by image, so the error lands on the image that caused it.
+    retried image by image, so the error lands on the image that caused it. ``loggers`` (made
+    from the config if None) and extra ``callbacks`` serve every batch.
     """
     rows: list[dict[str, Any]] = []
     usable = []
@@ -167,7 +174,7 @@ def run_batches(cfg: DictConfig, items: list[ImageItem], out: Path, prepare: Any
         else:
             usable.append(item)
     B = max(1, int(cfg.trainer.batch_size))
-    loggers = make_loggers(cfg, out)
+    loggers = make_loggers(cfg, out) if loggers is None else loggers
     previous_optimizer = None
     carry = bool(cfg.prior.kind == "biggan" and cfg.dgp.carry_optimizer_state)
     queue = [usable[i : i + B] for i in range(0, len(usable), B)]
@@ -176,7 +183,8 @@ def run_batches(cfg: DictConfig, items: list[ImageItem], out: Path, prepare: Any
         start = time.perf_counter()
         try:
             method = prepare(batch)
-            batch_rows, opt = fit_batch(cfg, method, out, previous_optimizer if carry else None, loggers)
+            batch_rows, opt = fit_batch(cfg, method, out, previous_optimizer if carry else None, loggers,
+                                        callbacks)
             previous_optimizer = opt
         except Exception as err:  # one bad image must not cost the others
             if len(batch) > 1:

@@ -115,5 +115,5 @@ def test_perceptual_loss_plumbing_with_random_vgg_weights(tmp_path: Path) -> Non
     values = loss(x, x.flip(0))
     assert values.shape == (2,) and bool((values > 0).all())
     assert float(loss(x, x).abs().max()) == 0.0
-    with pytest.raises(FileNotFoundError, match="dgp.perceptual_weights"):
+    with pytest.raises(FileNotFoundError, match=r"dgp\.perceptual_weights"):
         PerceptualLoss(tmp_path / "missing.pth")

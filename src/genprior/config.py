@@ -46,7 +46,7 @@ class ConfigError(ValueError):
 class PriorConfig:
     # Registry name: biggan128, biggan256, biggan256_ch64, biggan512, biggan_tiny, dip_skip.
     name: str = "dip_skip"
-    kind: str = "dip"  # biggan | dip
+    kind: str = "dip"  # biggan | dip | pggan
     resolution: int = 128
     G_ch: int = 96
     D_ch: int = 96
@@ -111,6 +111,32 @@ class DGPConfig:
 
 
 @dataclass
+class MGANConfig:
+    """mGANprior (prior.kind=pggan) under the released scripts' flag names (mGANprior SPEC §3.6)."""
+
+    composing_layer: int = 6  # index into layer0..layer{2K-1}, toRGB; the composed map is layer{l}'s input
+    z_number: int = 30  # N latent codes per image
+    iterations: int = 3000
+    optimization: str = "GD"  # GD (plain SGD, every released script) | Adam (torch defaults)
+    lr: float = 1.0
+    l2_lambda: float = 1.0
+    l1_lambda: float = 0.0
+    vgg_lambda: float = 1.0  # 0.1 in the released inpainting script
+    vgg_layer: str = "relu3_3"  # the code's --vgg_layer 16; the paper's layer is conv4_3
+    vgg_loss_type: str = "L1"  # L1 | L2
+    vgg_scale: float = 0.001  # hard-wired in the released VGG loss
+    image_size: int = 256  # VGG input size (nearest resize)
+    vgg_weights: str | None = None  # local torchvision/timm VGG-16 file (needed when vgg_lambda > 0)
+    init_type: str = "Normal"  # z init: Normal | Zero
+    alpha_init: float | None = None  # None: 1/z_number, as the code
+    train_alpha: bool = True  # false with z_number=1: the single-latent-code baseline, x = G(z)
+    average_codes: bool = True  # the code's 1/N in the composition; false: the paper's plain sum
+    hole_size: int = 64  # task=inpainting: a centred hole_size x hole_size square
+    ssim_data_range: float = 1.0  # images in [0, 1]
+    print_interval: int = 100
+
+
+@dataclass
 class DIPConfig:
     """Deep Image Prior loop (see docs/dip.md and the DIP SPEC)."""
 
@@ -129,6 +155,18 @@ class DIPConfig:
 
 
 @dataclass
+class SubsetConfig:
+    """Which images of a data source to evaluate (datamodules.SubsetSpec), applied in this
+    order: ``ids`` (a list, an id file, a DGP list file or "dgp1k"), the first ``per_class``
+    of every class, then ``count`` images (the first N, or N drawn with ``seed``)."""
+
+    ids: Any = None
+    per_class: int | None = None
+    count: int | None = None
+    seed: int | None = None
+
+
+@dataclass
 class DataConfig:
     # "sample" is the embedded default (scikit-image's astronaut); otherwise a path to an image,
     # a folder or a list file ("<path> [class]" per line).
@@ -137,6 +175,16 @@ class DataConfig:
     image_size: int = 128  # working size for DIP images from the embedded sample
     limit: int | None = None  # only the first N images
     num_workers: int = 0
+    # evaluate.py's datamodules (docs/evaluation.md): auto (from source, as train.py) | image |
+    # folder | list | imagenet_val | lsun. imagenet_val reads ``root`` with ``labels`` (a DGP
+    # list file, "dgp1k", the devkit ground truth or LOC_val_solution.csv); lsun reads ``lmdb``.
+    kind: str = "auto"
+    root: str | None = None  # ImageNet val folder; for list files, the folder paths are relative to
+    labels: str | None = None
+    devkit_meta: str | None = None  # the devkit's meta.mat (for its ground-truth file)
+    lmdb: str | None = None  # LSUN export folder (<category>_<split>_lmdb) or its data.mdb
+    preprocessing: str | None = None  # dgp | pggan | none; None: the datamodule's default
+    subset: SubsetConfig = field(default_factory=SubsetConfig)
 
 
 @dataclass
@@ -172,6 +220,59 @@ class MetricsConfig:
     # The reference's SSIM uses data_range 2 on [0,1] images (SPEC §8, quirk 12). 2.0 keeps
     # numbers comparable with the papers; 1.0 is the textbook value.
     ssim_data_range: float = 2.0
+    # The papers' other metrics (genprior.metrics_extra, docs/degradations_and_metrics.md):
+    # any of lpips, niqe, accuracy, colorization_auc. A metric whose weights file is missing
+    # is reported as unavailable (NaN, with instructions); the run goes on.
+    extra: list[str] = field(default_factory=list)
+    lpips_net: str = "alex"  # mGANprior §4.2: the lpips package's default backbone
+    lpips_weights: str | None = None  # LPIPS v0.1 linear layers; None: the copy in torchmetrics
+    lpips_backbone_weights: str | None = None  # torchvision alexnet/vgg16 file; None: torch hub cache
+    niqe_model: str | None = None  # modelparameters.mat (MATLAB release) or niqe_pris_params.npz
+    niqe_block_size: int = 96
+    classifier: str = "resnet50.tv_in1k"  # any timm model name; DGP scores with ResNet-50
+    classifier_weights: str | None = None  # None: the torchvision file in the torch hub cache
+    classifier_input_size: int | None = None  # None: the model's own (224 for ResNet-50)
+    auc_max_threshold: float = 150.0  # colorization AuC thresholds 0..150 in ab units
+
+
+@dataclass
+class ManipulationConfig:
+    """Edits of a fitted image (SPEC §9): ``task=jitter``, ``morphing``, ``category_transfer``.
+
+    The tasks fit the image(s) of ``data.source`` first, or edit saved reconstructions.
+    """
+
+    # reconstruction.pt files (or the image folders holding them) written by an earlier run;
+    # when given, nothing is fitted and data.source is not read.
+    saved: list[str] = field(default_factory=list)
+    jitter_stds: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
+    jitter_samples: int = 30  # per std
+    jitter_per_row: int = 9  # images per row of the jitter sheet
+    morph_steps: int = 10  # frames at λ = 0, 1/morph_steps, ..., 1
+    # main.py only morphs images of the same class; true also morphs a pair of different classes
+    # by interpolating their class embeddings, as example.py (run_morphing.sh) does.
+    interpolate_class: bool = False
+    # Category-transfer targets: class indices, inclusive ranges "a-b", or ImageNet class names
+    # or WordNet ids ("golden retriever", "n02099601"). Default: the reference's dogs and cats.
+    classes: list[str] = field(default_factory=lambda: ["151-293"])
+    gif_frame_ms: int = 150
+    gif_bounce: bool = True  # play the morph there and back, so that the GIF loops smoothly
+    mp4: bool = True  # also write morphing.mp4 when an encoder (imageio-ffmpeg) is installed
+    render_chunk: int = 32  # images per generator forward pass
+
+
+@dataclass
+class EvalConfig:
+    """evaluate.py: durable per-image results, resume, and the W&B report (docs/evaluation.md)."""
+
+    results: str = "results"  # folder under output.dir holding rank<r>.jsonl
+    resume: bool = True  # skip images that already have a row; false moves old results aside
+    retry_failed: bool = False  # true: images whose row says "failed" are fitted again
+    wandb_sheets_first_k: int = 8  # stage sheets (stages.png) of the first K images
+    wandb_thumbnail_size: int = 96  # px, the table's result/observation thumbnails
+    # Ranks finish their shards at different times and wait at the final barrier; the process
+    # group timeout must outlast that (torch's default is 10-30 minutes).
+    dist_timeout_s: int = 172800
 
 
 @dataclass
@@ -185,6 +286,9 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    mganprior: MGANConfig = field(default_factory=MGANConfig)
+    manipulation: ManipulationConfig = field(default_factory=ManipulationConfig)
     seed: int = 0
     # The presets this config was composed from (filled in by compose; informational).
     presets: dict[str, str] = field(default_factory=dict)

@@ -93,7 +93,7 @@ def fit_batch(
         callbacks.append(StageProgressBar())
     trainer = L.Trainer(
         accelerator=cfg.trainer.accelerator if cfg.trainer.accelerator != "auto" else "auto",
-        devices=1,
+        devices=fit_devices(cfg),
         precision=cfg.trainer.precision,
         max_steps=method.total_steps(),
         max_epochs=1,
@@ -109,6 +109,16 @@ def fit_batch(
     )
     trainer.fit(module, train_dataloaders=StepLoader(method.total_steps()))
     return outputs.results, module.optimizer
+
+
+def fit_devices(cfg: DictConfig) -> Any:
+    """The one device a batch is fitted on: the process's current CUDA device on a GPU (each
+    evaluate.py rank has its own; ``devices=1`` would put every rank on cuda:0), else 1."""
+    from genprior.factory import pick_device
+
+    if pick_device(cfg).type == "cuda":
+        return [torch.cuda.current_device()]
+    return 1
 
 
 def make_loggers(cfg: DictConfig, out: Path) -> list[Any]:

@@ -20,6 +20,10 @@ DGP_TASKS: dict[str, tuple[str, str | None]] = {
     "hybrid": ("hybrid", None),
     "random_mask": ("random_mask", "random_mask"),
     "mask_image": ("mask_image", "mask_image"),
+    # Manipulation tasks fit the clean image, then edit it (genprior.manipulation, SPEC §9).
+    "jitter": ("identity", None),
+    "morphing": ("identity", None),
+    "category_transfer": ("identity", None),
 }
 
 
@@ -36,15 +40,31 @@ def pick_device(cfg: DictConfig) -> torch.device:
 def load_items(cfg: DictConfig) -> list[ImageItem]:
     """The images to restore, preprocessed to the prior's working size (errors kept per item)."""
     source = str(cfg.data.source)
-    if source == "sample":
+    if cfg.manipulation.saved:
+        return []  # editing saved reconstructions: nothing to load or fit
+    # An LSUN LMDB export (<category>_<split>_lmdb/): data.kind=lsun with data.lmdb, as in
+    # evaluate.py, or data.source pointing at one. The first data.limit keys, in key order.
+    lmdb_path = cfg.data.lmdb if cfg.data.kind == "lsun" else (source if _is_lmdb(source) else None)
+    if source == "sample" and not lmdb_path:
         return [_sample_item(cfg)]
     from genprior.datamodules.folder import ImageFolderDataModule
 
-    dm = ImageFolderDataModule(
-        source, resolution=_resolution(cfg), default_class=int(cfg.data.class_id),
-        n_classes=int(cfg.prior.n_classes) if cfg.prior.kind == "biggan" else None,
-        preprocess=cfg.prior.kind != "dip",
-    )
+    if lmdb_path:
+        from genprior.datamodules.lsun import LSUNDataModule
+
+        dm: Any = LSUNDataModule(
+            str(lmdb_path), resolution=_resolution(cfg), subset=cfg.data.limit,
+            preprocessing="pggan" if cfg.prior.kind == "pggan" else "dgp",
+        )
+    else:
+        dm = ImageFolderDataModule(
+            source, resolution=_resolution(cfg), default_class=int(cfg.data.class_id),
+            n_classes=int(cfg.prior.n_classes) if cfg.prior.kind == "biggan" else None,
+            preprocess=cfg.prior.kind != "dip",
+            # PGGAN's LSUN recipe (floor-offset centre crop, Lanczos); the identity on
+            # mGANprior's 256x256 / 1024x1024 targets.
+            **({"preprocessing": "pggan"} if cfg.prior.kind == "pggan" else {}),
+        )
     dm.setup("predict")
     items = []
     for k, rec in enumerate(dm.dataset):
@@ -57,8 +77,13 @@ def load_items(cfg: DictConfig) -> list[ImageItem]:
     return items
 
 
+def _is_lmdb(source: str) -> bool:
+    path = Path(source)
+    return path.name == "data.mdb" or (path.is_dir() and (path / "data.mdb").is_file())
+
+
 def _resolution(cfg: DictConfig) -> int:
-    return int(cfg.prior.resolution) if cfg.prior.kind == "biggan" else int(cfg.data.image_size)
+    return int(cfg.prior.resolution) if cfg.prior.kind in ("biggan", "pggan") else int(cfg.data.image_size)
 
 
 def _sample_item(cfg: DictConfig) -> ImageItem:
@@ -74,11 +99,11 @@ def _sample_item(cfg: DictConfig) -> ImageItem:
 
 
 # ---------------------------------------------------------------------------------- priors
-def load_biggan_prior(cfg: DictConfig, device: torch.device) -> tuple[Any, Any]:
+def load_biggan_prior(cfg: DictConfig, device: torch.device, need_D: bool | None = None) -> tuple[Any, Any]:
     from genprior.priors.biggan import Discriminator, Generator, orthogonal_init_
 
     p = cfg.prior
-    need_D = p.resolution != 512
+    need_D = p.resolution != 512 if need_D is None else need_D
     if p.weights == "random" or p.random_G:
         torch.manual_seed(int(p.init_seed))
         G = orthogonal_init_(Generator(resolution=p.resolution, G_ch=p.G_ch, dim_z=p.dim_z,
@@ -149,15 +174,35 @@ class DGPRunner:
         self.method.start(images, classes, [item.id for item in batch], gens)
         return self.method
 
-    def run(self, items: list[ImageItem], out: Path) -> list[dict[str, Any]]:
-        return run_batches(self.cfg, items, out, self.prepare)
+    def run(self, items: list[ImageItem], out: Path, loggers: list[Any] | None = None,
+            callbacks: list[Any] | None = None) -> list[dict[str, Any]]:
+        callbacks = list(callbacks or [])
+        if self.cfg.output.save_G and not callbacks:
+            callbacks.append(self.reconstruction_saver(out))
+        return run_batches(self.cfg, items, out, self.prepare, loggers=loggers, callbacks=callbacks)
+
+    def reconstruction_saver(self, out: Path) -> Any:
+        """Writes ``<out>/<id>/reconstruction.pt`` per fitted image (genprior.saved)."""
+        from genprior.callbacks.saved import SaveReconstructions
+
+        return SaveReconstructions(out, self.cfg)
 
 
 def build_runner(cfg: DictConfig) -> Any:
+    from genprior.manipulation import MANIPULATION_TASKS
+
+    if str(cfg.task.name) in MANIPULATION_TASKS:
+        from genprior.manipulation import ManipulationRunner
+
+        return ManipulationRunner(cfg)
     if cfg.prior.kind == "biggan":
         return DGPRunner(cfg)
     if cfg.prior.kind == "dip":
         from genprior.methods.dip_runner import DIPRunner
 
         return DIPRunner(cfg)
-    raise ValueError(f"prior.kind must be 'biggan' or 'dip', got {cfg.prior.kind!r}")
+    if cfg.prior.kind == "pggan":
+        from genprior.methods.mganprior_runner import MGANRunner
+
+        return MGANRunner(cfg)
+    raise ValueError(f"prior.kind must be 'biggan', 'dip' or 'pggan', got {cfg.prior.kind!r}")

@@ -137,3 +137,52 @@ class PerImageAdam(torch.optim.Optimizer):
         self.image_steps = torch.zeros(self.batch_size, dtype=torch.float64)
         for key in self.masked_steps:
             self.masked_steps[key] = torch.zeros(self.batch_size, dtype=torch.float64)
+
+
+class PerImageSGD(torch.optim.Optimizer):
+    """Plain SGD (no momentum, no weight decay) over stacked per-image parameters.
+
+    mGANprior's released optimiser (``--optimization GD``: ``torch.optim.SGD(latents, lr)``,
+    mGANprior SPEC §3.3). The interface is PerImageAdam's: each group's ``lr`` is a ``[B]``
+    tensor set with ``set_lrs``, and images outside ``active`` are not updated. The update
+    ``p -= lr_b * grad`` equals torch.optim.SGD's ``p.add_(grad, alpha=-lr)`` to rounding (and
+    bit for bit at lr = 1).
+    """
+
+    def __init__(self, params: Iterable[dict[str, Any]], batch_size: int) -> None:
+        self.batch_size = batch_size
+        super().__init__(params, {"lr": torch.zeros(batch_size, dtype=torch.float64)})
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.shape[0] != batch_size:
+                    raise ValueError(
+                        f"parameter of shape {tuple(p.shape)} in group {group.get('name')!r} "
+                        f"is not stacked over {batch_size} images"
+                    )
+            group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float64).expand(batch_size).clone()
+        self.active = torch.ones(batch_size, dtype=torch.bool)
+        self.masks: dict[str, Tensor] = {}  # accepted for interface parity; SGD has no state
+
+    def set_lrs(self, lrs: dict[str, Tensor]) -> None:
+        for group in self.param_groups:
+            group["lr"] = lrs[group["name"]]
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not bool(self.active.any()):
+            return loss
+        all_on = bool(self.active.all())
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                view = (self.batch_size,) + (1,) * (p.dim() - 1)
+                update = group["lr"].to(device=p.device, dtype=p.dtype).view(view) * p.grad
+                if not all_on:  # frozen images: no update, even from a non-finite gradient
+                    update = torch.where(self.active.to(p.device).view(view), update, torch.zeros_like(update))
+                p.sub_(update)
+        return loss

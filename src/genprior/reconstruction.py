@@ -51,8 +51,10 @@ class Reconstruction(L.LightningModule):
     # The method's tensors are plain tensors, not registered parameters, so Lightning sees an
     # empty module; the optimizer gets them directly.
     def configure_optimizers(self) -> PerImageAdam:
-        opt = PerImageAdam(self.method.param_groups(), batch_size=self.method.batch_size,
-                           betas=self.betas, eps=self.eps)
+        # A method may bring its own per-image optimizer (mGANprior: plain SGD, PerImageSGD).
+        make = getattr(self.method, "make_optimizer", None)
+        opt = make() if make is not None else PerImageAdam(
+            self.method.param_groups(), batch_size=self.method.batch_size, betas=self.betas, eps=self.eps)
         if self.previous_optimizer is not None:
             carry_state(self.previous_optimizer, opt)
         self.optimizer = opt

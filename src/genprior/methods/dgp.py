@@ -141,7 +141,9 @@ class DGP(nn.Module):
                 for n in names:
                     self.trainable[n] = _stack(self.G_weight[n], B, device).requires_grad_(True)
         self.embed_weight: Tensor | None = None
-        if self.settings.update_embed:
+        # The embedding is in G's optimizer (group 0), which steps only with update_G (SPEC
+        # §6.2.6): update_G=false (latent-only inversion) leaves it fixed even with update_embed.
+        if self.settings.update_embed and self.settings.update_G:
             self.embed_weight = _stack(self.G_weight["shared.weight"], B, device).requires_grad_(True)
         # Instance-norm parameters and their "initialised" flags are per-image state, not
         # trained (requires_grad False in the reference, SPEC §3.4).

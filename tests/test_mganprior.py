@@ -1,0 +1,443 @@
+"""mGANprior as a method: the released loss and optimiser, batching, one code vs N, the tasks,
+train.py end to end on LSUN images, and the latent-only GAN-inversion baselines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from genprior.config import compose
+from genprior.degradations import (
+    AdditiveGaussianNoise,
+    CenterSquareMask,
+    Downsample,
+    Gray,
+    Identity,
+    MaskImage,
+    RandomPixelMask,
+)
+from genprior.factory import build_runner
+from genprior.losses import IMAGENET_MEAN, IMAGENET_STD
+from genprior.methods.mganprior import (
+    MGAN_TASKS,
+    MGANPrior,
+    MGANSettings,
+    VGGFeatureLoss,
+    build_mgan_degradation,
+    ycbcr_recombine,
+)
+from genprior.priors.checkpoints import CheckpointError
+from genprior.priors.pggan import PGGANGenerator
+from genprior.train import ImageItem, fit_batch, run_train
+
+LSUN_COLOR = ("data", "lsun", "colorization", "bedroom")
+
+
+@pytest.fixture(scope="module")
+def small_G() -> PGGANGenerator:
+    torch.manual_seed(0)
+    G = PGGANGenerator(32, fmaps_base=256, fmaps_max=16)
+    with torch.no_grad():
+        for name, p in G.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.2)
+    for p in G.parameters():
+        p.requires_grad_(False)
+    return G.eval()
+
+
+def _images(n: int, size: int = 32, seed: int = 1) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, size, size, generator=g) * 2 - 1
+
+
+def _gens(ids: list[str]) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(1000 + sum(map(ord, i))) for i in ids]
+
+
+def _fit(method: MGANPrior, steps: int) -> list[Tensor]:
+    """Reconstruction.training_step's calls, without Lightning; returns per-step losses [B]."""
+    opt = method.make_optimizer()
+    losses = []
+    for _ in range(steps):
+        opt.active = method.progress.active()
+        opt.set_lrs(method.step_lrs())
+        opt.zero_grad(set_to_none=True)
+        loss, record, _ = method.loss()
+        loss.backward()
+        opt.step()
+        method.end_step(record)
+        losses.append(record.total.clone())
+    return losses
+
+
+def _features() -> nn.Sequential:
+    torch.manual_seed(5)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+
+
+# ------------------------------------------------------------------------------ loss and optimiser
+def test_loss_is_the_released_combine_loss(small_G: PGGANGenerator) -> None:
+    settings = MGANSettings(composing_layer=3, z_number=3, iterations=1, l1_lambda=0.5, vgg_lambda=0.1)
+    vgg = VGGFeatureLoss(_features(), image_size=64)
+    method = MGANPrior(small_G, settings, Gray((0.299, 0.587, 0.114)), perceptual=vgg, task="colorization")
+    y = _images(1)
+    method.start(y, None, ["a"], _gens(["a"]))
+    total, record, x = method.loss()
+
+    # The reference's formula, written out (mGANprior SPEC §3.2, §3.5).
+    def gray(t: Tensor) -> Tensor:
+        return (t[:, 0:1] * 0.299 + t[:, 1:2] * 0.587 + t[:, 2:3] * 0.114).expand(-1, 3, -1, -1)
+
+    def phi(t: Tensor) -> Tensor:
+        mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+        return vgg.features(F.interpolate((t * 0.5 + 0.5).sub(mean).div(std), size=64, mode="nearest"))
+
+    z, alpha = method.z.detach(), method.alpha.detach()
+    feats = [small_G.head(z[:, n], 3) * alpha[:, n, :, None, None] for n in range(3)]
+    x_ref = small_G.tail(sum(feats) / 3, 3)
+    assert torch.allclose(x, x_ref, atol=2e-5)  # batched vs per-code kernels: rounding
+    gx, gy = gray(x_ref), gray(y)
+    expected = 0.5 * F.l1_loss(gx, gy) + F.mse_loss(gx, gy) + 0.1 * (F.l1_loss(phi(gx), phi(gy)) * 0.001)
+    assert float(total) == pytest.approx(float(expected), rel=1e-4)
+    assert float(record.vgg[0]) == pytest.approx(float(F.l1_loss(phi(gx), phi(gy)) * 0.001), rel=1e-4)
+    # Initial values: α = 1/N, z from the image's own stream.
+    assert torch.equal(alpha, torch.full((1, 3, small_G.feature_shape(3)[0]), 1 / 3))
+
+
+def test_gd_is_plain_sgd_on_codes_and_importances(small_G: PGGANGenerator) -> None:
+    settings = MGANSettings(composing_layer=4, z_number=4, iterations=3, vgg_lambda=0.0)
+    method = MGANPrior(small_G, settings, Identity())
+    y = _images(1)
+    method.start(y, None, ["a"], _gens(["a"]))
+    z, alpha = method.z.detach().clone().requires_grad_(True), method.alpha.detach().clone().requires_grad_(True)
+    opt = torch.optim.SGD([z, alpha], lr=1.0)
+    for _ in range(3):
+        opt.zero_grad()
+        F.mse_loss(small_G.multi_code(z, alpha, 4), y).backward()
+        opt.step()
+    _fit(method, 3)
+    assert torch.allclose(method.z, z, atol=1e-6) and torch.allclose(method.alpha, alpha, atol=1e-6)
+    assert not torch.allclose(alpha, torch.full_like(alpha, 0.25))  # α really moves
+
+
+def test_per_image_sgd_has_per_image_rates_and_freezes_finished_images() -> None:
+    from genprior.optim import PerImageSGD
+
+    p = torch.ones(3, 2, requires_grad=True)
+    opt = PerImageSGD([{"name": "z", "params": [p]}], batch_size=3)
+    opt.set_lrs({"z": torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64)})
+    opt.active = torch.tensor([True, True, False])
+    p.grad = torch.tensor([[1.0, 2.0], [1.0, 2.0], [float("nan"), 1.0]])
+    opt.step()
+    assert torch.equal(p.detach(), torch.tensor([[0.0, -1.0], [0.5, 0.0], [1.0, 1.0]]))
+    with pytest.raises(ValueError, match="not stacked over 4 images"):
+        PerImageSGD([{"name": "z", "params": [p]}], batch_size=4)
+
+
+def test_adam_option(small_G: PGGANGenerator) -> None:
+    settings = MGANSettings(composing_layer=2, z_number=2, iterations=2, vgg_lambda=0.0,
+                            optimization="Adam", lr=0.01)
+    method = MGANPrior(small_G, settings, Identity())
+    method.start(_images(1), None, ["a"], _gens(["a"]))
+    z0 = method.z.detach().clone()
+    _fit(method, 2)
+    # Adam's first step moves every element by about lr.
+    assert float((method.z - z0).abs().max()) == pytest.approx(0.02, rel=0.1)
+    with pytest.raises(ValueError, match="'GD' or 'Adam'"):
+        MGANSettings(optimization="SGD")
+
+
+def test_batch_of_two_gives_each_image_its_own_result(small_G: PGGANGenerator) -> None:
+    settings = MGANSettings(composing_layer=4, z_number=3, iterations=4, vgg_lambda=0.0)
+    ids = ["a", "b"]
+    y = _images(2)
+    both = MGANPrior(small_G, settings, Identity())
+    both.start(y, None, ids, _gens(ids))
+    losses2 = torch.stack(_fit(both, 4))
+    for b, image_id in enumerate(ids):
+        one = MGANPrior(small_G, settings, Identity())
+        one.start(y[b : b + 1], None, [image_id], _gens([image_id]))
+        losses1 = torch.stack(_fit(one, 4))[:, 0]
+        assert torch.allclose(losses2[:, b], losses1, rtol=1e-5)
+        assert torch.allclose(both.z[b], one.z[0], atol=1e-4)
+        assert torch.allclose(both.final_output()[b], one.final_output()[0], atol=1e-4)
+
+
+def test_one_code_versus_n_codes(small_G: PGGANGenerator) -> None:
+    y = _images(1)
+    single = MGANPrior(small_G, MGANSettings(composing_layer=0, z_number=1, train_alpha=False,
+                                             iterations=5, vgg_lambda=0.0), Identity())
+    single.start(y, None, ["a"], _gens(["a"]))
+    assert [g["name"] for g in single.param_groups()] == ["z"]
+    single_losses = _fit(single, 5)
+    # The single-code baseline is the plain generator: x = G(z), α stays 1.
+    with torch.no_grad():
+        assert torch.equal(single.final_output(), small_G(single.z[:, 0]))
+    assert torch.equal(single.alpha, torch.ones_like(single.alpha))
+
+    multi = MGANPrior(small_G, MGANSettings(composing_layer=4, z_number=8, iterations=5,
+                                            vgg_lambda=0.0), Identity())
+    multi.start(y, None, ["a"], _gens(["a"]))
+    assert [g["name"] for g in multi.param_groups()] == ["z", "alpha"]
+    multi_losses = _fit(multi, 5)
+    assert multi.z.shape == (1, 8, 512) and multi.alpha.shape == (1, 8, 16)
+    assert float(multi_losses[-1][0]) < float(multi_losses[0][0])
+    assert float(single_losses[-1][0]) <= float(single_losses[0][0])
+    info = multi.image_info(0)
+    assert info == {"z_number": 8, "composing_layer": 4, "train_alpha": True}
+
+
+# ------------------------------------------------------------------------------ tasks
+def test_every_task_builds_its_degradation(tmp_path: Path) -> None:
+    mask_file = tmp_path / "mask.png"
+    arr = np.zeros((256, 256, 3), np.uint8)
+    arr[10:20, 30:50] = 255
+    Image.fromarray(arr).save(mask_file)
+    kinds = {
+        "inversion": Identity, "reconstruct": Identity, "colorization": Gray,
+        "inpainting": CenterSquareMask, "random_mask": RandomPixelMask, "mask_image": MaskImage,
+        "sr": Downsample, "denoising": AdditiveGaussianNoise,
+    }
+    assert set(kinds) == set(MGAN_TASKS)
+    for task, cls in kinds.items():
+        deg = build_mgan_degradation(task, 256, mask_path=str(mask_file))
+        assert isinstance(deg, cls), task
+    x = _images(1, 256)
+    assert build_mgan_degradation("inpainting", 256).metric_box(256, 256) == (96, 160, 96, 160)
+    # White = missing in mGANprior's masks: the loss sees x * (1 - m).
+    masked = build_mgan_degradation("mask_image", 256, mask_path=str(mask_file)).apply(x)
+    assert torch.equal(masked[..., 10:20, 30:50], torch.zeros(1, 3, 10, 20))
+    assert torch.equal(masked[..., 20:, :], x[..., 20:, :])
+    # x16 bilinear without antialiasing: the mean of the central 2x2 of every 16x16 block.
+    low = build_mgan_degradation("sr", 256, sr_factor=16).apply(x)
+    assert low.shape == (1, 3, 16, 16)
+    blocks = x.view(1, 3, 16, 16, 16, 16)[:, :, :, 7:9, :, 7:9].mean(dim=(3, 5))
+    assert torch.allclose(low, blocks, atol=1e-6)
+    drop = build_mgan_degradation("random_mask", 256, mask_fraction=0.8).known_mask(x, ids=["a"])
+    assert 0.78 < 1 - float(drop.mean()) < 0.82
+    with pytest.raises(ValueError, match="not an mGANprior task"):
+        build_mgan_degradation("hybrid", 256)
+    with pytest.raises(ValueError, match=r"task\.mask_path"):
+        build_mgan_degradation("mask_image", 256)
+
+
+def test_sr_observation_is_shown_at_full_size(small_G: PGGANGenerator) -> None:
+    method = MGANPrior(small_G, MGANSettings(composing_layer=2, z_number=2, iterations=1, vgg_lambda=0.0),
+                       build_mgan_degradation("sr", 32, sr_factor=4), task="sr")
+    method.start(_images(2), None, ["a", "b"], _gens(["a", "b"]))
+    assert method.target.shape == (2, 3, 8, 8)
+    shown = method.observation_for_display()
+    assert shown.shape == (2, 3, 32, 32)
+    assert torch.equal(shown[..., ::4, ::4], method.display(method.target))
+    _fit(method, 1)
+    metrics = method.metrics(method.final_output())
+    assert set(metrics) == {"psnr", "ssim"} and metrics["psnr"].shape == (2,)
+
+
+def test_inpainting_reports_hole_metrics_and_a_composite(small_G: PGGANGenerator) -> None:
+    method = MGANPrior(small_G, MGANSettings(composing_layer=2, z_number=2, iterations=1, vgg_lambda=0.0),
+                       CenterSquareMask(16), task="inpainting")
+    y = _images(1)
+    method.start(y, None, ["a"], _gens(["a"]))
+    x = method.final_output()
+    assert {"psnr", "ssim", "psnr_hole", "ssim_hole"} <= set(method.metrics(x))
+    composite = method.extra_images(x, 0)["composited"]
+    assert torch.allclose(composite[:, :8], method.display(y)[0, :, :8])
+    assert torch.allclose(composite[:, 8:24, 8:24], method.display(x)[0, :, 8:24, 8:24])
+
+
+def test_colorization_result_keeps_the_targets_luma() -> None:
+    target = (_images(2, 16) + 1) / 2
+    result = (_images(2, 16, seed=7) + 1) / 2
+    out = ycbcr_recombine(result, target)
+    assert out.shape == target.shape and out.dtype == torch.float32
+
+    def luma(t: Tensor) -> Tensor:
+        return 0.299 * t[:, 0] + 0.587 * t[:, 1] + 0.114 * t[:, 2]
+
+    # RGB is clipped after the YCbCr -> RGB conversion, so compare where nothing clipped.
+    inside = ((out > 1 / 255) & (out < 254 / 255)).all(1)
+    assert float((luma(out) - luma(target))[inside].abs().max()) < 2.5 / 255
+    # PIL keeps Cb, Cr in 8 bits: the RGB -> YCbCr -> RGB round trip alone moves a few levels.
+    assert float((ycbcr_recombine(target, target) - target).abs().max()) < 6 / 255
+
+
+def test_vgg_weights_missing_says_what_to_download(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"mganprior\.vgg_weights"):
+        VGGFeatureLoss.from_file(None)
+    with pytest.raises(FileNotFoundError, match=r"vgg16-397923af\.pth"):
+        VGGFeatureLoss.from_file(tmp_path / "absent.pth")
+    with pytest.raises(ValueError, match="conv4_3"):
+        VGGFeatureLoss.from_file(tmp_path / "x.pth", layer="conv9_9")
+
+
+# ------------------------------------------------------------------------------ config and train.py
+def test_presets_compose_and_missing_weights_fail_clearly(tmp_path: Path) -> None:
+    expected = {
+        "mgan_inversion": ("inversion", 8, 20, 3000),
+        "mgan_inversion_single_code": ("inversion", 0, 1, 3000),
+        "mgan_colorization": ("colorization", 6, 20, 1500),
+        "mgan_inpainting": ("inpainting", 4, 30, 3000),
+        "mgan_inpainting_random": ("random_mask", 4, 30, 3000),
+        "mgan_inpainting_mask": ("mask_image", 4, 30, 3000),
+        "mgan_sr": ("sr", 6, 20, 2000),
+        "mgan_denoising": ("denoising", 6, 20, 3000),
+    }
+    for preset, (task, layer, n, iters) in expected.items():
+        cfg = compose(["prior=pggan_church", f"task={preset}"])
+        m = cfg.mganprior
+        assert (cfg.task.name, m.composing_layer, m.z_number, m.iterations) == (task, layer, n, iters)
+        assert m.optimization == "GD" and m.lr == 1.0
+        assert m.vgg_lambda == (0.1 if "inpainting" in preset else 1.0)
+    assert compose(["prior=pggan_celebahq"]).prior.resolution == 1024
+    cfg = compose(["prior=pggan_bedroom", "task=mgan_inversion", f"prior.weights_dir={tmp_path}",
+                   "mganprior.vgg_lambda=0"])
+    with pytest.raises(CheckpointError, match=r"pggan_bedroom256_generator\.pth"):
+        build_runner(cfg)
+
+
+def _losses(folder: Path) -> list[list[float]]:
+    lines = (folder / "losses.csv").read_text().splitlines()
+    return [[float(v) for v in line.split(",")] for line in lines[1:]]
+
+
+@pytest.mark.shared
+def test_train_py_on_lsun_images_batch_of_two_equals_one(shared_dir: Path, tmp_path: Path) -> None:
+    source = shared_dir.joinpath(*LSUN_COLOR)
+    base = ["prior=pggan_tiny", "task=mgan_colorization", "mganprior.iterations=2",
+            "mganprior.z_number=3", "mganprior.vgg_lambda=0", "mganprior.print_interval=1",
+            f"data.source={source}", "trainer.enable_progress_bar=false", "logger=none"]
+    two, one = tmp_path / "b2", tmp_path / "b1"
+    assert run_train([*base, "trainer.batch_size=2", f"output.dir={two}"]) == 0
+    # The first image alone (B = 1) must get the codes and losses it got inside the batch.
+    assert run_train([*base, "trainer.batch_size=1", "data.limit=1", f"output.dir={one}"]) == 0
+    rows = {r["id"]: r for r in map(json.loads, (two / "results.jsonl").read_text().splitlines())}
+    assert len(rows) == 2
+    for image_id, row in rows.items():
+        folder = two / image_id
+        for name in ("result.png", "observation.png", "target.png", "colorization.png",
+                     "progress.png", "metrics.json", "losses.csv", "loss_curve.png"):
+            assert (folder / name).is_file(), name
+        assert row["status"] == "ok" and row["steps"] == 2 and row["z_number"] == 3
+        assert 0 < row["psnr"] < 100 and "observation_psnr" in row
+        assert Image.open(folder / "result.png").size == (256, 256)
+    (first,) = [json.loads(line)["id"] for line in (one / "results.jsonl").read_text().splitlines()]
+    batched, alone = _losses(two / first), _losses(one / first)
+    assert len(batched) == len(alone) == 2
+    for r2, r1 in zip(batched, alone):
+        assert r2 == pytest.approx(r1, rel=1e-4, abs=1e-7)
+    assert "pggan_tiny" in (two / "config.yaml").read_text()
+
+
+@pytest.mark.shared
+def test_lsun_lmdb_source_feeds_train_py(shared_dir: Path, tmp_path: Path) -> None:
+    import lmdb
+
+    from genprior.factory import load_items
+    from genprior.image_io import load_image, to_tensor
+
+    files = sorted(shared_dir.joinpath(*LSUN_COLOR).glob("*.png"))
+    path = tmp_path / "bedroom_val_lmdb"
+    env = lmdb.open(str(path), map_size=1 << 26)
+    with env.begin(write=True) as txn:
+        for f in files:
+            txn.put(f.stem.encode(), f.read_bytes())
+    env.close()
+    items = load_items(compose(["prior=pggan_tiny", f"data.source={path}", "data.limit=1"]))
+    assert [i.id for i in items] == [files[0].stem]  # the first key in LMDB order
+    assert torch.equal(items[0].image, to_tensor(load_image(files[0])))  # 256x256: no resize
+    # evaluate.py's form: the data=lsun_* preset with data.lmdb.
+    items = load_items(compose(["prior=pggan_tiny", "data=lsun_bedroom", f"data.lmdb={path}"]))
+    assert [i.id for i in items] == [f.stem for f in files]
+
+
+# ------------------------------------------------------------------------------ BigGAN baseline
+def test_latent_only_dgp_optimises_only_z() -> None:
+    """DGP with update_G=false: z is the only trained tensor; G and its class embedding stay
+    fixed even with update_embed (the embedding is in G's optimizer, DGP SPEC §6.2.6)."""
+    from genprior.methods.dgp import DGP, DGPSettings
+    from genprior.optim import PerImageAdam
+    from genprior.priors.biggan import Generator
+    from genprior.schedule import Stage
+
+    torch.manual_seed(0)
+    G = Generator(resolution=128, G_ch=8).eval()
+    stage = Stage(iterations=2, G_lr=1e-3, z_lr=1e-2, ftr_num=0, ft_num=6, lr_ratio=1.0,
+                  w_D_loss=0.0, w_mse=1.0, w_percep=0.0, use_in=False)
+    settings = DGPSettings(stages=[stage], select_num=1, update_G=False, update_embed=True)
+    method = DGP(G, None, settings, Identity())
+    method.start(_images(1, 128), torch.tensor([3]), ["img"], [torch.Generator().manual_seed(0)])
+    assert [g["name"] for g in method.param_groups()] == ["z"]
+    assert method.trainable == {} and method.embed_weight is None
+    z0 = method.z.detach().clone()
+    opt = PerImageAdam(method.param_groups(), batch_size=1, betas=settings.betas)
+    while not method.progress.all_done():
+        opt.active = method.progress.active()
+        opt.set_lrs(method.step_lrs())
+        opt.zero_grad(set_to_none=True)
+        loss, record, _ = method.loss()
+        loss.backward()
+        opt.step()
+        method.end_step(record)
+    assert not torch.equal(method.z.detach(), z0)
+    state = G.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in method.G_weight.items())
+
+
+def test_latent_only_preset_is_dgp_reconstruct_with_a_fixed_generator() -> None:
+    latent = compose(["prior=biggan_tiny", "task=inversion_latent_only"]).dgp
+    dgp = compose(["prior=biggan_tiny", "task=reconstruct"]).dgp
+    assert latent.update_G is False and dgp.update_G is True
+    for key in ("iterations", "z_lrs", "ftr_num", "w_D_loss", "w_mse", "w_nll", "select_num", "sample_std"):
+        assert latent[key] == dgp[key], key
+
+
+@pytest.mark.slow
+def test_latent_only_inversion_on_biggan_through_the_runner(tmp_path: Path) -> None:
+    cfg = compose(["prior=biggan_tiny", "task=inversion_latent_only", "dgp.iterations=[2,1,1]",
+                   "dgp.select_num=2", "dgp.update_embed=true", "trainer.enable_progress_bar=false",
+                   "logger=none", f"output.dir={tmp_path}"])
+    runner = build_runner(cfg)
+    method = runner.prepare([ImageItem("img", "mem", _images(1, 128)[0], class_id=3)])
+    assert [g["name"] for g in method.param_groups()] == ["z"]  # no G groups, no embedding
+    z0 = method.z.detach().clone()
+    rows, _ = fit_batch(cfg, method, tmp_path)
+    assert rows[0]["status"] == "ok" and rows[0]["steps"] == 4
+    assert not torch.equal(method.z.detach(), z0)
+    state = method.G.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in method.G_weight.items())
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_vgg_variants_from_a_local_file_and_a_fit_with_them(shared_dir: Path, tmp_path: Path) -> None:
+    import timm
+
+    torch.manual_seed(0)
+    vgg = timm.create_model("vgg16", pretrained=False)
+    weights = tmp_path / "vgg16_random.pth"
+    torch.save({f"features.{k}": v for k, v in vgg.features.state_dict().items()}, weights)
+    code = VGGFeatureLoss.from_file(weights, "relu3_3")
+    paper = VGGFeatureLoss.from_file(weights, "conv4_3")
+    # The code's --vgg_layer 16: modules 0..15, ending in relu3_3; the paper's conv4_3: 0..21.
+    assert len(code.features) == 16 and isinstance(code.features[-1], nn.ReLU)
+    assert len(paper.features) == 22 and isinstance(paper.features[-1], nn.Conv2d)
+    x = _images(1, 64)
+    assert code.features_of(x).shape == (1, 256, 64, 64)  # resized to 256, then 1/4
+    image = shared_dir / "data" / "lsun" / "inpainting" / "bedroom" / "00007eb364fb2e3b3c8f3673ff888dfa82cf4261.png"
+    out = tmp_path / "run"
+    args = ["prior=pggan_tiny", "task=mgan_inpainting", "mganprior.iterations=2", "mganprior.z_number=2",
+            f"mganprior.vgg_weights={weights}", "mganprior.vgg_layer=conv4_3", f"data.source={image}",
+            "trainer.enable_progress_bar=false", "logger=none", f"output.dir={out}"]
+    assert run_train(args) == 0
+    row = json.loads((out / image.stem / "metrics.json").read_text())
+    assert row["status"] == "ok" and row["final_vgg_loss"] > 0 and "psnr_hole" in row
+    assert (out / image.stem / "composited.png").is_file()

@@ -28,7 +28,12 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+# The DIP loop's settings live with the loop (docs/dip.md); the schema reuses the dataclass.
+from genprior.methods.dip import DIPSettings
+
 GROUPS = ("experiment", "prior", "task", "data", "trainer", "logger")
+# `python train.py` with no preset runs the embedded default: DIP denoising sized for a CPU.
+DEFAULT_PRESETS = {"prior": "dip_skip", "task": "dip_denoising_quick"}
 # Arguments a W&B sweep agent may add that are not ours; they are accepted and ignored.
 IGNORED_PREFIXES = ("_wandb",)
 
@@ -134,24 +139,6 @@ class MGANConfig:
     hole_size: int = 64  # task=inpainting: a centred hole_size x hole_size square
     ssim_data_range: float = 1.0  # images in [0, 1]
     print_interval: int = 100
-
-
-@dataclass
-class DIPConfig:
-    """Deep Image Prior loop (see docs/dip.md and the DIP SPEC)."""
-
-    num_iter: int = 600
-    lr: float = 0.01
-    input_depth: int = 32
-    input_type: str = "noise"
-    input_var: float = 0.1
-    reg_noise_std: float = 1.0 / 30.0
-    exp_weight: float = 0.99
-    show_every: int = 100
-    backtracking: bool = True
-    net: str = "skip_default"
-    num_channels: int = 128
-    num_scales: int = 5
 
 
 @dataclass
@@ -280,7 +267,7 @@ class Config:
     prior: PriorConfig = field(default_factory=PriorConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     dgp: DGPConfig = field(default_factory=DGPConfig)
-    dip: DIPConfig = field(default_factory=DIPConfig)
+    dip: DIPSettings = field(default_factory=DIPSettings)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -469,6 +456,8 @@ def compose_parsed(parsed: ParsedArgs) -> DictConfig:
                         f"groups are {', '.join(GROUPS[1:])}"
                     )
                 groups.setdefault(group, str(name))  # the command line wins over the experiment
+    if not any(g in groups for g in ("experiment", "prior", "task")):
+        groups.update(DEFAULT_PRESETS)
     for group in GROUPS[1:]:
         if group in groups:
             cfg = _merge(cfg, load_preset(group, groups[group]), f"preset {group}={groups[group]}")

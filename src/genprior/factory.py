@@ -94,7 +94,12 @@ def _sample_item(cfg: DictConfig) -> ImageItem:
     from genprior.image_io import preprocess
 
     img = Image.fromarray(skdata.astronaut())
-    x = preprocess(img, _resolution(cfg), name="skimage:astronaut")
+    if cfg.prior.kind == "dip":
+        # DIP works at the image's own size: a whole-image Lanczos resize to data.image_size.
+        size = int(cfg.data.image_size)
+        x = preprocess(img.resize((size, size), Image.Resampling.LANCZOS), size, name="skimage:astronaut")
+    else:
+        x = preprocess(img, _resolution(cfg), name="skimage:astronaut")
     return ImageItem(id="astronaut", path="skimage.data.astronaut", image=x, class_id=int(cfg.data.class_id))
 
 

@@ -74,6 +74,8 @@ class Reconstruction(L.LightningModule):
         opt.zero_grad(set_to_none=True)
         loss, record, x = method.loss()
         self.manual_backward(loss)
+        if hasattr(method, "before_optimizer_step"):
+            method.before_optimizer_step()  # DIP's backtracking restores weights here
         opt.step()
         self.last_stage_ended = method.end_step(record)
         self.last_x, self.last_record = x, record

@@ -56,14 +56,6 @@ def run_train(argv: Sequence[str]) -> int:
     warnings.filterwarnings("ignore", ".*GPU available but not used.*")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
-    if cfg.prior.kind == "dip":
-        # The DIP loop is not wired into train.py yet (issue 3): stop after the config.
-        print(to_yaml(cfg))
-        print("genprior: composed the configuration above and wrote it to "
-              f"{(out / 'config.yaml').resolve()}.\nThe Deep Image Prior reconstruction is not "
-              "available in train.py yet; DGP runs today, e.g. prior=biggan_tiny task=colorization "
-              "data.source=<image> data.class_id=<class>.")
-        return 0
     from genprior.factory import build_runner, load_items
 
     items = load_items(cfg)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from torch import Tensor, nn
 
 from genprior.priors.dip import Downsampler, StackedNets, get_noise, skip, skip_output_size, tv_loss
@@ -53,6 +53,7 @@ __all__ = [
     "pil_to_tensor",
     "psnr",
     "put_in_center",
+    "sr_baselines",
     "sr_pair",
 ]
 
@@ -176,7 +177,12 @@ def load_preset(name: str, **overrides) -> DIPSettings:
 
     if name not in PRESETS:
         raise ValueError(f"unknown DIP preset {name!r}; available: {', '.join(PRESETS)}")
-    text = resources.files("genprior.configs").joinpath("task", f"dip_{name}.yaml").read_text()
+    text = (
+        resources.files("genprior.configs")
+        .joinpath("task")
+        .joinpath(f"dip_{name}.yaml")
+        .read_text()
+    )
     merged = OmegaConf.merge(
         OmegaConf.structured(DIPSettings), OmegaConf.create(text).dip, overrides
     )
@@ -213,8 +219,12 @@ def crop_box(width: int, height: int, d: int = 32, rounding: str = "floor") -> t
     if new_w == 0 or new_h == 0:
         raise ValueError(f"a {width}×{height} (W×H) image has no crop to multiples of {d}")
     if rounding == "floor":
-        return ((width - new_w) // 2, (height - new_h) // 2,
-                (width + new_w) // 2, (height + new_h) // 2)
+        return (
+            (width - new_w) // 2,
+            (height - new_h) // 2,
+            (width + new_w) // 2,
+            (height + new_h) // 2,
+        )
     if rounding == "round":
         left, top = round((width - new_w) / 2), round((height - new_h) / 2)
         return (left, top, left + new_w, top + new_h)
@@ -240,6 +250,17 @@ def sr_pair(img: Image.Image, factor: int, d: int = 32) -> tuple[Image.Image, Im
     hr = crop_to_multiple(img, d, rounding="round")
     lr = hr.resize((hr.size[0] // factor, hr.size[1] // factor), Image.Resampling.LANCZOS)
     return hr, lr
+
+
+def sr_baselines(lr: Image.Image, size: tuple[int, int]) -> dict[str, Tensor]:
+    """``get_baselines`` of the SR notebook (SPEC §7.2): PIL bicubic and nearest upsampling of
+    the LR image to ``size`` = (W, H), and bicubic + UnsharpMask(2, 150, 3), as C×H×W tensors."""
+    bicubic = lr.resize(size, Image.Resampling.BICUBIC)
+    return {
+        "bicubic": pil_to_tensor(bicubic),
+        "nearest": pil_to_tensor(lr.resize(size, Image.Resampling.NEAREST)),
+        "sharp": pil_to_tensor(bicubic.filter(ImageFilter.UnsharpMask(2, 150, 3))),
+    }
 
 
 def put_in_center(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -289,8 +310,15 @@ def check_input_size(height: int, width: int, settings: DIPSettings) -> None:
         f"{settings.crop_multiple})"
     )
     kwargs = settings.skip_kwargs(1, 1)
-    names = ("num_channels_skip", "filter_size_down", "filter_size_up", "filter_skip_size",
-             "pad", "downsample_mode", "need1x1_up")
+    names = (
+        "num_channels_skip",
+        "filter_size_down",
+        "filter_size_up",
+        "filter_skip_size",
+        "pad",
+        "downsample_mode",
+        "need1x1_up",
+    )
 
     def output_size(h: int, w: int) -> tuple[int, int]:
         return skip_output_size(h, w, *(kwargs[name] for name in names))
@@ -362,11 +390,17 @@ class DIPMethod(nn.Module):
         if task not in TASKS:
             raise ValueError(f"unknown DIP task {task!r}; expected one of {', '.join(TASKS)}")
         if observation.ndim != 4:
-            raise ValueError(f"observation must be [B, C, H, W], got shape {tuple(observation.shape)}")
+            raise ValueError(
+                f"observation must be [B, C, H, W], got shape {tuple(observation.shape)}"
+            )
         if settings.backtracking not in ("off", "denoising", "restoration"):
-            raise ValueError(f"backtracking must be off, denoising or restoration, got {settings.backtracking!r}")
+            raise ValueError(
+                f"backtracking must be off, denoising or restoration, got {settings.backtracking!r}"
+            )
         if settings.final_input not in ("perturbed", "saved"):
-            raise ValueError(f"final_input must be perturbed or saved, got {settings.final_input!r}")
+            raise ValueError(
+                f"final_input must be perturbed or saved, got {settings.final_input!r}"
+            )
         b, c, h, w = observation.shape
         device = observation.device
         factor = settings.sr_factor if task == "super_resolution" else 1
@@ -382,18 +416,28 @@ class DIPMethod(nn.Module):
             if mask is None:
                 raise ValueError(f"task {task!r} needs a mask (1 = known pixel)")
             if mask.ndim != 4 or mask.shape[-2:] != (h, w) or mask.shape[0] not in (1, b):
-                raise ValueError(f"mask must be [B or 1, 1 or C, {h}, {w}], got {tuple(mask.shape)}")
+                raise ValueError(
+                    f"mask must be [B or 1, 1 or C, {h}, {w}], got {tuple(mask.shape)}"
+                )
             mask = mask.to(device, observation.dtype)
         elif mask is not None:
             raise ValueError(f"task {task!r} takes no mask")
         if clean is not None and tuple(clean.shape) != (b, c, out_h, out_w):
-            raise ValueError(f"clean must be [{b}, {c}, {out_h}, {out_w}], got {tuple(clean.shape)}")
+            raise ValueError(
+                f"clean must be [{b}, {c}, {out_h}, {out_w}], got {tuple(clean.shape)}"
+            )
 
         # Nets and z, built on the CPU under each image's seed (SPEC §3.6: same seed, same
         # initial weights as the reference; z is drawn right after the net, as in the notebooks).
         if settings.input_type == "image":
-            if net_input is None or net_input.shape[0] != b or net_input.shape[-2:] != (out_h, out_w):
-                raise ValueError(f"input_type 'image' needs net_input of shape [{b}, C, {out_h}, {out_w}]")
+            if (
+                net_input is None
+                or net_input.shape[0] != b
+                or net_input.shape[-2:] != (out_h, out_w)
+            ):
+                raise ValueError(
+                    f"input_type 'image' needs net_input of shape [{b}, C, {out_h}, {out_w}]"
+                )
             in_channels = net_input.shape[1]
         else:
             if net_input is not None:
@@ -420,7 +464,9 @@ class DIPMethod(nn.Module):
         if net_input is None:
             net_input = torch.cat([built[s][1] for s in seeds])
         # net_input_saved of the notebooks: never modified, never optimised (OPT_OVER = 'net').
-        self.register_buffer("net_input_saved", net_input.detach().to(device, torch.float32).clone())
+        self.register_buffer(
+            "net_input_saved", net_input.detach().to(device, torch.float32).clone()
+        )
         self.register_buffer("observation", observation.detach().clone())
         self.register_buffer("mask", None if mask is None else mask.detach().clone())
         self.register_buffer("clean", None if clean is None else clean.detach().clone())
@@ -429,9 +475,11 @@ class DIPMethod(nn.Module):
         if task == "super_resolution":
             # The model's forward operator: Lanczos2 (phase 0.5, replication pad), fixed. The
             # observation itself was made with PIL's Lanczos3 — a deliberate mismatch (SPEC §5.2).
-            self.downsampler = Downsampler(
-                c, factor, settings.sr_kernel, phase=0.5, preserve_size=True
-            ).requires_grad_(False).to(device)
+            self.downsampler = (
+                Downsampler(c, factor, settings.sr_kernel, phase=0.5, preserve_size=True)
+                .requires_grad_(False)
+                .to(device)
+            )
         else:
             self.downsampler = None
 
@@ -623,4 +671,3 @@ class DIPMethod(nn.Module):
 
 def _expand(flags: Tensor, like: Tensor) -> Tensor:
     return flags.view(-1, *([1] * (like.ndim - 1)))
-

@@ -208,9 +208,7 @@ def conv(
             downsampler = nn.MaxPool2d(stride, stride)
         elif downsample_mode in ("lanczos2", "lanczos3"):
             # Built before the Conv2d: its own Conv2d's init draw comes first (SPEC §3.6).
-            downsampler = Downsampler(
-                out_f, stride, downsample_mode, phase=0.5, preserve_size=True
-            )
+            downsampler = Downsampler(out_f, stride, downsample_mode, phase=0.5, preserve_size=True)
         else:
             raise ValueError(
                 f"unknown downsample_mode {downsample_mode!r} (stride, avg, max, lanczos2, lanczos3)"
@@ -246,8 +244,11 @@ class Concat(nn.Module):
         if len(set(heights)) > 1 or len(set(widths)) > 1:
             h, w = min(heights), min(widths)
             outs = [
-                o[..., (o.shape[-2] - h) // 2 : (o.shape[-2] - h) // 2 + h,
-                  (o.shape[-1] - w) // 2 : (o.shape[-1] - w) // 2 + w]
+                o[
+                    ...,
+                    (o.shape[-2] - h) // 2 : (o.shape[-2] - h) // 2 + h,
+                    (o.shape[-1] - w) // 2 : (o.shape[-1] - w) // 2 + w,
+                ]
                 for o in outs
             ]
         return torch.cat(outs, dim=self.dim)
@@ -500,7 +501,9 @@ def get_noise(
             raise ValueError(f"the meshgrid input has 2 channels, got input_depth={input_depth}")
         xs = np.arange(w, dtype=np.float64) / max(w - 1, 1)
         ys = np.arange(h, dtype=np.float64) / max(h - 1, 1)
-        grid = np.stack([np.broadcast_to(xs[None, :], (h, w)), np.broadcast_to(ys[:, None], (h, w))])
+        grid = np.stack(
+            [np.broadcast_to(xs[None, :], (h, w)), np.broadcast_to(ys[:, None], (h, w))]
+        )
         return torch.from_numpy(grid[None].astype(np.float32))
     raise ValueError(f"unknown input method {method!r} (noise, meshgrid)")
 
@@ -535,14 +538,15 @@ class StackedNets(nn.Module):
 
     ``forward(z)`` with z of shape [B, C, H, W] runs image b through copy b as a batch of one
     (``torch.func.functional_call`` with image b's slices), so BatchNorm uses the statistics of
-    that image only, exactly like the reference's batch-1 train-mode forward. Two equivalent
-    execution modes:
+    that image only, exactly like the reference's batch-1 train-mode forward. Execution modes
+    (same results up to float rounding):
 
     * 'vmap': ``torch.vmap`` over the images — every conv becomes one grouped convolution.
     * 'loop': a Python loop over the images on views of the stacked tensors (``unbind``; its
       backward stacks the B gradients in one op).
     * 'auto' (default): 'loop' on CPU, 'vmap' on CUDA. On CPU, grouped-conv backward is slow:
-      measured 2.2× slower than the loop for B = 4 at 128² with 128 channels (docs/dip.md).
+      vmap measured 2.6× slower than the loop for B = 4 at 128² with 128 channels, 1.4× with
+      32 channels (docs/dip.md). The CUDA choice is not measured yet.
 
     The stacked tensors are registered parameters (``parameters()`` yields one leaf per
     reference parameter, of shape [B, *shape]), so one ``torch.optim.Adam`` over them is B

@@ -1,0 +1,190 @@
+"""Deep Image Prior as a method of the reconstruction LightningModule.
+
+``DIPMethod`` (methods/dip.py) is the notebooks' loop for B images in plain torch. ``DIPFit``
+gives it the interface the module and callbacks use (the same as DGP's): one stage of
+``num_iter`` iterations, one optimizer group with the stacked network weights, per-image
+records. ``DIPRunner`` turns loaded images into observations (AWGN for denoising, PIL-Lanczos
+LR images for super-resolution, a mask image for inpainting, the image itself for JPEG
+artifact removal) and fits them through ``genprior.train.run_batches``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from torch import Tensor
+
+from genprior.methods.dip import DIPMethod, DIPSettings, crop_tensor_to_multiple, psnr
+from genprior.schedule import Progress, Stage
+from genprior.train import ImageItem, image_generator, run_batches
+
+
+@dataclass
+class DIPRecord:
+    """Per-image values of one DIP step ([B] tensors), in the shape the callbacks expect."""
+
+    logs: dict[str, Tensor]
+    total: Tensor
+    active: Tensor
+
+    def reported(self) -> dict[str, Tensor]:
+        return dict(self.logs)
+
+
+class DIPFit:
+    """Adapter: a ``DIPMethod`` driven one Lightning step at a time."""
+
+    def __init__(self, dip: DIPMethod, ids: list[str], observation_display: Tensor) -> None:
+        self.dip = dip
+        self.ids = ids
+        self.batch_size = dip.num_images
+        s = dip.settings
+        stage = Stage(iterations=int(s.num_iter), G_lr=0.0, z_lr=0.0, ftr_num=0, ft_num=0,
+                      lr_ratio=1.0, w_D_loss=0.0, w_mse=1.0, w_percep=0.0, use_in=False)
+        self.progress = Progress([stage], self.batch_size)
+        self.step = 0
+        self._observation_display = observation_display
+        self.last_output: Tensor | None = None
+
+    # --- optimisation -------------------------------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"name": "net", "params": list(self.dip.nets.parameters())}]
+
+    def step_lrs(self) -> dict[str, Tensor]:
+        lr = self.dip.lr_for_step(self.step)
+        active = self.progress.active().to(torch.float64)
+        return {"net": active * lr}
+
+    def loss(self) -> tuple[Tensor, DIPRecord, Tensor | None]:
+        total, logs = self.dip.step_loss(self.step)
+        record = DIPRecord(logs=logs, total=logs["loss"], active=self.progress.active())
+        # Snapshots show the averaged output (what DIP reports); none without averaging.
+        return total, record, self.dip.output_ema
+
+    def before_optimizer_step(self) -> None:
+        self.dip.before_optimizer_step()  # backtracking restores after backward (SPEC §8.1)
+
+    def end_step(self, record: DIPRecord) -> list[bool]:
+        self.step += 1
+        return self.progress.end_step([False] * self.batch_size)
+
+    def total_steps(self) -> int:
+        return self.progress.total_steps()
+
+    @property
+    def print_interval(self) -> int:
+        return int(self.dip.settings.show_every)
+
+    betas = (0.9, 0.999)  # the notebooks' Adam defaults
+    eps = 1e-8
+
+    # --- reporting ----------------------------------------------------------------------
+    def final_output(self) -> Tensor:
+        out, ema = self.dip.result()
+        self.last_output = out.detach()
+        return (ema if ema is not None else out).detach()
+
+    @staticmethod
+    def display(x: Tensor) -> Tensor:
+        return x.detach().float().clamp(0, 1)
+
+    def observation_for_display(self) -> Tensor:
+        return self._observation_display
+
+    def clean_for_display(self) -> Tensor | None:
+        return self.dip.clean
+
+    @torch.no_grad()
+    def metrics(self, x: Tensor | None) -> dict[str, Tensor]:
+        if self.dip.clean is None or x is None:
+            return {}
+        return {"psnr": psnr(self.dip.clean, x.clamp(0, 1))}
+
+    def extra_images(self, x: Tensor, b: int) -> dict[str, Tensor]:
+        if self.last_output is None:
+            return {}
+        return {"result_last_iterate": self.last_output[b].clamp(0, 1)}
+
+    @torch.no_grad()
+    def observation_metrics(self, b: int) -> dict[str, float]:
+        clean = self.dip.clean
+        obs = self._observation_display
+        if clean is None or obs.shape != clean.shape:
+            return {}
+        return {"observation_psnr": float(psnr(clean[b : b + 1], obs[b : b + 1])[0])}
+
+    def image_info(self, b: int) -> dict[str, Any]:
+        return {"fell_back_steps": None}
+
+
+class DIPRunner:
+    """Builds DIP observations from loaded images and fits them batch by batch."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        from genprior.factory import pick_device
+
+        self.cfg = cfg
+        self.device = pick_device(cfg)
+        self.settings = DIPSettings(**OmegaConf.to_container(cfg.dip, resolve=True))  # type: ignore[arg-type]
+
+    def _observation(self, clean: Tensor, item: ImageItem) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
+        """(observation, mask, ground truth, observation shown next to the result) for one image."""
+        s = self.settings
+        task = s.task
+        if task == "denoising":
+            gen = image_generator(int(self.cfg.seed), item.id)
+            noisy = (clean + torch.randn(clean.shape, generator=gen) * s.noise_std).clamp(0, 1)
+            return noisy, None, clean, noisy
+        if task == "super_resolution":
+            f = int(s.sr_factor)
+            h, w = clean.shape[-2:]
+            hr = clean[..., : h - h % f, : w - w % f]
+            img = Image.fromarray((hr.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+            lr_img = img.resize((hr.shape[-1] // f, hr.shape[-2] // f), Image.Resampling.LANCZOS)
+            lr = torch.from_numpy(np.asarray(lr_img, dtype=np.float32) / 255).permute(2, 0, 1)
+            shown = torch.nn.functional.interpolate(lr[None], scale_factor=f, mode="nearest")[0]
+            return lr, None, hr, shown
+        if task == "jpeg_artifacts":
+            return clean, None, None, clean
+        if task in ("inpainting", "restoration"):
+            if task == "restoration":
+                gen = image_generator(int(self.cfg.seed), item.id)
+                mask = (torch.rand(clean.shape[-2:], generator=gen) > s.mask_keep_above).float()[None]
+            else:
+                path = self.cfg.task.mask_path
+                if not path:
+                    raise ValueError("DIP inpainting needs a mask image: set task.mask_path=<file> (white = known)")
+                m = Image.open(path).convert("L")
+                if m.size != (clean.shape[-1], clean.shape[-2]):
+                    m = m.resize((clean.shape[-1], clean.shape[-2]), Image.Resampling.NEAREST)
+                mask = torch.from_numpy((np.asarray(m) > 127).astype(np.float32))[None]
+            return clean * mask, mask, clean, clean * mask
+        raise ValueError(f"DIP task {task!r} is not available in train.py (flash_no_flash needs two images)")
+
+    def prepare(self, batch: list[ImageItem]) -> DIPFit:
+        obs, masks, cleans, shown = [], [], [], []
+        for item in batch:
+            x01 = ((item.image + 1) / 2).clamp(0, 1)  # loaded in [-1, 1]; DIP works in [0, 1]
+            x01 = crop_tensor_to_multiple(x01[None], int(self.settings.crop_multiple))[0]
+            o, m, c, d = self._observation(x01, item)
+            obs.append(o)
+            masks.append(m)
+            cleans.append(c)
+            shown.append(d)
+        if len({tuple(o.shape) for o in obs}) > 1:
+            raise ValueError("images of different sizes cannot share a DIP batch; use trainer.batch_size=1")
+        observation = torch.stack(obs).to(self.device)
+        mask = torch.stack(masks).to(self.device) if masks[0] is not None else None
+        clean = torch.stack(cleans).to(self.device) if cleans[0] is not None else None
+        seed = int(self.cfg.seed)
+        dip = DIPMethod(self.settings, None, observation, mask=mask, clean=clean, seed=seed).to(self.device)
+        return DIPFit(dip, [item.id for item in batch], torch.stack(shown).to(self.device))
+
+    def run(self, items: list[ImageItem], out: Path) -> list[dict[str, Any]]:
+        return run_batches(self.cfg, items, out, self.prepare)

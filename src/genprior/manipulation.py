@@ -1,0 +1,469 @@
+"""Editing a fitted image: random jittering, morphing and category transfer (SPEC §9).
+
+After DGP has fitted a generator G_θ* and latent z* to an image (DGP paper, Section 4.2):
+
+- **jitter** renders G_θ*(z* + std·n, y) for n ~ N(0, I), 30 samples at each std in
+  (0.3, 0.5, 0.7), without instance norm: variations of the image around the fit;
+- **morphing** renders, for λ = 0, 0.1, …, 1, the generator whose every state entry (buffers
+  included) is (1-λ)·θ_a + λ·θ_b, at (1-λ)·z_a + λ·z_b and the class vector
+  (1-λ)·e_a + λ·e_b, where e = shared(y) under each image's own (possibly fine-tuned) embedding;
+- **category transfer** renders G_θ*(z*, c) for a list of other classes c.
+
+Every edit starts from a :class:`genprior.saved.SavedReconstruction`: ``task=jitter`` /
+``morphing`` / ``category_transfer`` fit the images first and save them, or read the files given
+in ``manipulation.saved``. Deliberate differences from the reference:
+
+- morph frames run from the *first* image of the pair (frame 001, λ = 0) to the second
+  (frame 011); the reference's frame 001 is its second image;
+- morphing two images of different classes needs ``manipulation.interpolate_class=true``
+  (example.py always interpolates the class vectors; main.py only morphs same-class pairs);
+- the jitter noise comes from the image's own seeded stream (``seed`` and the image id), not
+  from the global CUDA generator, so it is the same on any device and batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import itertools
+import json
+import logging
+import math
+import re
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from torch import Tensor
+from torch.func import functional_call
+
+from genprior.callbacks.outputs import _safe, image_grid
+from genprior.image_io import save_image
+from genprior.saved import SavedReconstruction, resolve_saved_path, weights_identity
+
+__all__ = [
+    "MANIPULATION_TASKS",
+    "Fitted",
+    "FittedPrior",
+    "ManipulationRunner",
+    "category_transfer",
+    "class_name",
+    "interpolate_states",
+    "jitter",
+    "morph",
+    "resolve_classes",
+]
+
+MANIPULATION_TASKS = ("jitter", "morphing", "category_transfer")
+log = logging.getLogger("genprior")
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering fitted generators
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Fitted:
+    """One reconstruction ready to render: the full generator state, z and the class."""
+
+    image_id: str
+    state: dict[str, Tensor]
+    z: Tensor  # [dim_z]
+    class_id: int
+    use_in: bool = False
+    in_initialized: tuple[str, ...] = ()
+    path: Path | None = None
+
+    def embedding(self) -> Tensor:
+        """shared(y) under this image's own class embedding (fine-tuned with update_embed)."""
+        return self.state["shared.weight"][self.class_id]
+
+
+class FittedPrior:
+    """The shared pretrained generator, its state and weights identity, and a renderer."""
+
+    def __init__(self, G: torch.nn.Module, base: dict[str, Tensor], prior: dict[str, Any],
+                 weights: dict[str, Any] | None = None, chunk: int = 32) -> None:
+        if G.training:
+            # Train-mode BN/SN (prior.random_G) would make every render depend on its batch
+            # and write the spectral-norm vectors of the state being rendered.
+            raise ValueError("manipulation renders the generator in eval mode; prior.random_G "
+                             "(train mode) is not supported")
+        self.G = G
+        self.base = base
+        self.prior = prior
+        self.weights = weights or weights_identity(prior, base)
+        self.chunk = max(1, int(chunk))
+        self.device = next(iter(base.values())).device
+
+    def fitted(self, rec: SavedReconstruction) -> Fitted:
+        """Check a saved reconstruction against this prior and make it renderable."""
+        rec.check_architecture(self.prior)
+        rec.check_against(self.base, self.weights, self.G.dim_z, self.G.n_classes)
+        return Fitted(image_id=rec.image_id, state=rec.state(self.base), z=rec.z.to(self.device),
+                      class_id=rec.class_id, use_in=rec.use_in,
+                      in_initialized=tuple(rec.in_initialized), path=rec.path)
+
+    def load(self, path: str | Path) -> Fitted:
+        return self.fitted(SavedReconstruction.load(path))
+
+    @torch.no_grad()
+    def generate(self, state: dict[str, Tensor], z: Tensor, cond: Tensor, use_in: bool = False,
+                 in_initialized: Sequence[str] = ()) -> Tensor:
+        """G_state(z, cond) in chunks; cond is class indices [N] or class vectors [N, dim]."""
+        tensors = dict(state)
+        if use_in:
+            # Render with the IN parameters the fit initialised. Initialising them here would
+            # write into the state (the pretrained tensors included), so that is refused.
+            missing = [n for n in self.G.in_state_names() if n not in in_initialized]
+            if missing:
+                raise ValueError("this reconstruction was not fitted with instance norm "
+                                 f"(no initialised IN parameters for {missing[0]}, ...); "
+                                 "render it with use_in=False")
+            tensors.update({n: torch.tensor(True, device=self.device)
+                            for n in self.G.in_state_names()})
+        z, cond = z.to(self.device), cond.to(self.device)
+        out = [functional_call(self.G, tensors, (z[i : i + self.chunk], cond[i : i + self.chunk]),
+                               {"use_in": use_in})
+               for i in range(0, z.shape[0], self.chunk)]
+        return torch.cat(out)
+
+    def reconstruction(self, f: Fitted, use_in: bool = False) -> Tensor:
+        """The fitted image G_θ*(z*, y), [3, H, W] in [-1, 1] (without IN unless asked)."""
+        y = torch.tensor([f.class_id], device=self.device)
+        return self.generate(f.state, f.z[None], y, use_in, f.in_initialized)[0]
+
+
+def jitter(prior: FittedPrior, f: Fitted, stds: Sequence[float], samples: int,
+           generator: torch.Generator) -> Tensor:
+    """G_θ*(z* + std·n, y) without IN, n ~ N(0, I); returns [len(stds), samples, 3, H, W]."""
+    noise = torch.randn(len(stds), samples, f.z.shape[0], generator=generator).to(prior.device)
+    std = torch.tensor([float(s) for s in stds], device=prior.device).view(-1, 1, 1)
+    z = (f.z.view(1, 1, -1) + std * noise).flatten(0, 1)
+    y = torch.full((z.shape[0],), f.class_id, dtype=torch.long, device=prior.device)
+    x = prior.generate(f.state, z, y)
+    return x.view(len(stds), samples, *x.shape[1:])
+
+
+def interpolate_states(a: dict[str, Tensor], b: dict[str, Tensor], lam: float) -> dict[str, Tensor]:
+    """(1-λ)·a + λ·b for every entry, buffers included (SPEC §9); exact at λ = 0 and 1.
+
+    Entries that are the same tensor object in both (the untouched pretrained ones) are kept.
+    """
+    if a.keys() != b.keys():
+        raise ValueError("the two generator states have different keys")
+    return {k: a[k] if a[k] is b[k] else a[k] * (1.0 - lam) + b[k] * lam for k in a}
+
+
+def morph(prior: FittedPrior, a: Fitted, b: Fitted, lambdas: Sequence[float]) -> Tensor:
+    """One frame per λ: the interpolated generator, latent and class vector; [L, 3, H, W]."""
+    e_a, e_b = a.embedding(), b.embedding()
+    frames = []
+    for lam in lambdas:
+        state = interpolate_states(a.state, b.state, lam)
+        z = a.z * (1.0 - lam) + b.z * lam
+        e = e_a * (1.0 - lam) + e_b * lam
+        frames.append(prior.generate(state, z[None], e[None])[0])
+    return torch.stack(frames)
+
+
+def category_transfer(prior: FittedPrior, f: Fitted, classes: Sequence[int]) -> Tensor:
+    """G_θ*(z*, c) for every class c, without IN; [C, 3, H, W]."""
+    y = torch.tensor(list(classes), dtype=torch.long, device=prior.device)
+    return prior.generate(f.state, f.z[None].expand(len(classes), -1), y)
+
+
+# --------------------------------------------------------------------------------------------
+# Class names
+# --------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _imagenet_info() -> Any:
+    try:
+        from timm.data import ImageNetInfo
+    except ImportError as err:  # pragma: no cover - timm < 0.9
+        raise ValueError("ImageNet class names need timm >= 0.9 (timm.data.ImageNetInfo); "
+                         "give class indices instead") from err
+    return ImageNetInfo()
+
+
+def class_name(index: int) -> str:
+    """The ImageNet-1k description of class ``index`` ("golden retriever")."""
+    return str(_imagenet_info().index_to_description(index))
+
+
+def _name_table(n_classes: int) -> dict[str, list[int]]:
+    info = _imagenet_info()
+    table: dict[str, list[int]] = {}
+    for k in range(min(n_classes, info.num_classes())):
+        description = str(info.index_to_description(k))
+        keys = {description, info.index_to_label_name(k), *description.split(",")}
+        for key in keys:
+            table.setdefault(key.strip().lower(), []).append(k)
+    return {k: sorted(set(v)) for k, v in table.items()}
+
+
+def resolve_classes(specs: Sequence[str | int], n_classes: int = 1000) -> list[int]:
+    """Class indices from indices ("207"), inclusive ranges ("151-293") or ImageNet names."""
+    out: list[int] = []
+    for spec in specs:
+        text = str(spec).strip()
+        if re.fullmatch(r"\d+", text):
+            found = [int(text)]
+        elif m := re.fullmatch(r"(\d+)\s*-\s*(\d+)", text):
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if lo > hi:
+                raise ValueError(f"class range {text!r} is empty (write low-high)")
+            found = list(range(lo, hi + 1))
+        else:
+            if n_classes != 1000:
+                raise ValueError(f"class {text!r}: names are ImageNet-1k classes, but this prior "
+                                 f"has {n_classes} classes; give indices")
+            table = _name_table(n_classes)
+            found = table.get(text.lower(), [])
+            if not found:
+                import difflib
+
+                close = difflib.get_close_matches(text.lower(), list(table), n=3, cutoff=0.7)
+                hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+                raise ValueError(f"unknown ImageNet class name {text!r}.{hint} Give an index "
+                                 "0..999, a range such as 151-293, a name or a WordNet id")
+            if len(found) > 1:
+                which = ", ".join(f"{k} ({class_name(k)})" for k in found)
+                raise ValueError(f"class name {text!r} is ambiguous: {which}; give the index")
+        bad = [k for k in found if not 0 <= k < n_classes]
+        if bad:
+            raise ValueError(f"class {bad[0]} (from {text!r}) is outside 0..{n_classes - 1}")
+        out.extend(found)
+    if not out:
+        raise ValueError("manipulation.classes is empty: give at least one target class")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+def _display(x: Tensor) -> Tensor:
+    return ((x.detach().float().cpu() + 1) / 2).clamp(0, 1)
+
+
+def _sheet(images: Sequence[Tensor], path: Path, ncol: int) -> Path:
+    grid = image_grid([_display(x) for x in images], ncol=ncol, normalize=False)
+    save_image(grid, path, value_range=(0.0, 1.0))
+    return path
+
+
+def _uint8(x: Tensor) -> np.ndarray:
+    """[3, H, W] in [-1, 1] to HWC uint8, truncating like ``save_image`` (SPEC §11)."""
+    arr = ((x.detach().float().cpu() + 1) / 2 * 255.0).clamp(0, 255).to(torch.uint8)
+    return arr.permute(1, 2, 0).contiguous().numpy()
+
+
+def write_jitter(folder: Path, recon: Tensor, images: Tensor, stds: Sequence[float],
+                 per_row: int) -> dict[str, str]:
+    """``jitter/std<s>_<k>.png`` and ``jitters.png`` (the reconstruction, then every jitter)."""
+    for s, std in enumerate(stds):
+        for k in range(images.shape[1]):
+            save_image(images[s, k], folder / "jitter" / f"std{float(std):g}_{k}.png")
+    sheet = _sheet([recon, *images.flatten(0, 1)], folder / "jitters.png", per_row)
+    return {"sheet": str(sheet), "images": str(folder / "jitter")}
+
+
+def write_morph(folder: Path, frames: Tensor, frame_ms: int, bounce: bool,
+                mp4: bool) -> dict[str, str]:
+    """``morph/001.png``…, the sheet ``morphing.png``, ``morphing.gif`` and maybe ``.mp4``."""
+    for k, frame in enumerate(frames):
+        save_image(frame, folder / "morph" / f"{k + 1:03d}.png")
+    out = {"frames": str(folder / "morph"),
+           "sheet": str(_sheet(list(frames), folder / "morphing.png", len(frames)))}
+    pictures = [_uint8(f) for f in frames]
+    if bounce and len(pictures) > 2:
+        pictures = pictures + pictures[-2:0:-1]
+    gif = folder / "morphing.gif"
+    first, *rest = [Image.fromarray(p) for p in pictures]
+    first.save(gif, save_all=True, append_images=rest, duration=int(frame_ms), loop=0)
+    out["gif"] = str(gif)
+    if mp4:
+        if importlib.util.find_spec("imageio_ffmpeg") is None:
+            out["mp4_skipped"] = "no video encoder: pip install imageio-ffmpeg to also get morphing.mp4"
+        else:
+            import imageio.v2 as imageio
+
+            video = folder / "morphing.mp4"
+            imageio.mimwrite(video, pictures, fps=1000.0 / max(1, int(frame_ms)), codec="libx264",
+                             macro_block_size=16)
+            out["mp4"] = str(video)
+    return out
+
+
+def write_categories(folder: Path, recon: Tensor, images: Tensor,
+                     classes: Sequence[int]) -> dict[str, str]:
+    """``categories/class<c>.png``, ``categories.png`` (the reconstruction first) and a legend."""
+    names = {}
+    for c, x in zip(classes, images):
+        save_image(x, folder / "categories" / f"class{c}.png")
+        try:
+            names[str(c)] = class_name(c)
+        except (ValueError, IndexError):
+            names[str(c)] = ""
+    (folder / "categories.json").write_text(json.dumps(names, indent=1))
+    n = len(classes) + 1
+    sheet = _sheet([recon, *images], folder / "categories.png", max(1, math.isqrt(n)))
+    return {"sheet": str(sheet), "images": str(folder / "categories"),
+            "legend": str(folder / "categories.json")}
+
+
+def log_media(loggers: Sequence[Any], key: str, images: Sequence[str] = (),
+              videos: Sequence[str] = ()) -> None:
+    """Sheets and animations to the loggers that take media (W&B); CSV runs only keep files."""
+    for lg in loggers:
+        if images and hasattr(lg, "log_image"):
+            lg.log_image(key=key, images=list(images))
+        if videos and hasattr(lg, "log_video"):
+            lg.log_video(key=f"{key}_animation", videos=list(videos))
+
+
+# --------------------------------------------------------------------------------------------
+# train.py
+# --------------------------------------------------------------------------------------------
+
+
+class ManipulationRunner:
+    """``task=jitter|morphing|category_transfer``: fit (or load) the images, then edit them."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        from genprior.factory import DGPRunner, pick_device
+
+        task = str(cfg.task.name)
+        if task not in MANIPULATION_TASKS:
+            raise ValueError(f"task {task!r} is not a manipulation task; valid: {MANIPULATION_TASKS}")
+        self.saved = [resolve_saved_path(p) for p in cfg.manipulation.saved]
+        if cfg.prior.kind != "biggan":
+            made_with = (SavedReconstruction.load(self.saved[0]).prior.get("name")
+                         if self.saved else "biggan256")
+            raise ValueError(f"task={task} edits a fitted BigGAN, but prior.kind is "
+                             f"{cfg.prior.kind!r}: add prior={made_with}"
+                             + (" (the prior the saved reconstruction was made with)"
+                                if self.saved else ""))
+        if cfg.prior.random_G:
+            raise ValueError("manipulation renders the generator in eval mode; prior.random_G "
+                             "(a train-mode generator) is not supported")
+        self.cfg = cfg
+        self.task = task
+        self.m = cfg.manipulation
+        self.device = pick_device(cfg)
+        # Check what the edit needs before any fitting, so a typo fails in seconds.
+        self.classes = (resolve_classes(list(self.m.classes), int(cfg.prior.n_classes))
+                        if task == "category_transfer" else [])
+        if task == "jitter" and (not self.m.jitter_stds or self.m.jitter_samples < 1):
+            raise ValueError("task=jitter needs manipulation.jitter_stds and jitter_samples >= 1")
+        if task == "morphing" and self.m.morph_steps < 1:
+            raise ValueError("manipulation.morph_steps must be >= 1")
+        if task == "morphing" and self.saved and len(self.saved) < 2:
+            raise ValueError("task=morphing needs two saved reconstructions: "
+                             "manipulation.saved=[a/reconstruction.pt,b/reconstruction.pt]")
+        self.fitter = None if self.saved else DGPRunner(cfg)
+
+    def run(self, items: list[Any], out: Path) -> list[dict[str, Any]]:
+        from genprior.train import make_loggers
+
+        loggers = make_loggers(self.cfg, out)
+        rows: list[dict[str, Any]] = []
+        if self.fitter is None:
+            from genprior.factory import load_biggan_prior
+
+            G, _ = load_biggan_prior(self.cfg, self.device, need_D=False)
+            base = dict(G.state_dict())  # never written: renders substitute tensors
+            paths, weights = self.saved, None
+        else:
+            usable = [item for item in items if item.error is None]
+            if self.task == "morphing" and len(usable) < 2:
+                raise ValueError("task=morphing needs two images: data.source=<a list file with "
+                                 "two images and their classes> (or manipulation.saved=[a,b])")
+            saver = self.fitter.reconstruction_saver(out)
+            rows = self.fitter.run(items, out, loggers=loggers, callbacks=[saver])
+            G, base = self.fitter.method.G, self.fitter.method.G_weight
+            paths = list(dict.fromkeys(saver.written))
+            weights = saver.weights
+        prior_cfg = OmegaConf.to_container(self.cfg.prior, resolve=True)
+        prior = FittedPrior(G, base, prior_cfg, weights,  # type: ignore[arg-type]
+                            chunk=int(self.m.render_chunk))
+        if self.task == "morphing":
+            jobs = [[a, b] for a, b in itertools.pairwise(paths)]
+            if not jobs:
+                rows.append({"id": "morphing", "task": self.task, "status": "failed",
+                             "error": f"morphing needs two reconstructions, {len(paths)} fitted"})
+        else:
+            jobs = [[p] for p in paths]
+        for job in jobs:
+            rows.append(self._edit(prior, job, out, loggers))
+        return rows
+
+    def _edit(self, prior: FittedPrior, paths: list[Path], out: Path,
+              loggers: Sequence[Any]) -> dict[str, Any]:
+        start = time.perf_counter()
+        row: dict[str, Any] = {"id": "_".join(p.parent.name for p in paths), "task": self.task,
+                               "path": ",".join(str(p) for p in paths)}
+        try:
+            fitted = [prior.load(p) for p in paths]
+            row["id"] = "_".join(_safe(f.image_id) for f in fitted)
+            row["class"] = [f.class_id for f in fitted] if len(fitted) > 1 else fitted[0].class_id
+            folder = out / row["id"]
+            row["outputs"] = self._write(prior, fitted, folder, loggers)
+            row["status"] = "ok"
+            if "mp4_skipped" in row["outputs"]:
+                print(f"genprior: {row['outputs']['mp4_skipped']}")
+        except Exception as err:  # one bad file or pair must not cost the others
+            reason = f"{type(err).__name__}: {err}"
+            log.debug("%s of %s failed:\n%s", self.task, row["id"], traceback.format_exc())
+            print(f"genprior: {self.task} of {row['id']} failed: {reason}")
+            row.update(status="failed", error=reason)
+        row["seconds"] = time.perf_counter() - start
+        return row
+
+    def _write(self, prior: FittedPrior, fitted: list[Fitted], folder: Path,
+               loggers: Sequence[Any]) -> dict[str, str]:
+        from genprior.train import image_generator
+
+        m = self.m
+        recon = [prior.reconstruction(f) for f in fitted]
+        if self.task == "jitter":
+            (f,), (x,) = fitted, recon
+            save_image(x, folder / "reconstruction.png")
+            gen = image_generator(int(self.cfg.seed), f"{f.image_id}/jitter")
+            images = jitter(prior, f, list(m.jitter_stds), int(m.jitter_samples), gen)
+            files = write_jitter(folder, x, images, list(m.jitter_stds), int(m.jitter_per_row))
+            log_media(loggers, f"jitter/{f.image_id}", images=[files["sheet"]])
+            return files
+        if self.task == "category_transfer":
+            (f,), (x,) = fitted, recon
+            save_image(x, folder / "reconstruction.png")
+            images = category_transfer(prior, f, self.classes)
+            files = write_categories(folder, x, images, self.classes)
+            log_media(loggers, f"category_transfer/{f.image_id}", images=[files["sheet"]])
+            return files
+        a, b = fitted
+        if a.class_id != b.class_id and not m.interpolate_class:
+            raise ValueError(
+                f"{a.image_id} (class {a.class_id}) and {b.image_id} (class {b.class_id}) have "
+                "different classes; morphing keeps one class unless "
+                "manipulation.interpolate_class=true, which also interpolates the class vectors "
+                "(as the reference's example.py)")
+        steps = int(m.morph_steps)
+        frames = morph(prior, a, b, [k / steps for k in range(steps + 1)])
+        files = write_morph(folder, frames, int(m.gif_frame_ms), bool(m.gif_bounce), bool(m.mp4))
+        log_media(loggers, f"morphing/{a.image_id}_{b.image_id}", images=[files["sheet"]],
+                  videos=[files["gif"]])
+        return files
+

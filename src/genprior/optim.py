@@ -29,17 +29,12 @@ import torch
 from torch import Tensor
 
 
-class PerImageAdam(torch.optim.Optimizer):
-    def __init__(
-        self,
-        params: Iterable[dict[str, Any]],
-        batch_size: int,
-        betas: tuple[float, float] = (0.0, 0.999),
-        eps: float = 1e-8,
-    ) -> None:
+class StackedOptimizer(torch.optim.Optimizer):
+    """Base of the per-image optimizers: stacked tensors, [B] learning rates, an active mask."""
+
+    def __init__(self, params: Iterable[dict[str, Any]], batch_size: int, defaults: dict[str, Any]) -> None:
         self.batch_size = batch_size
-        defaults = {"lr": torch.zeros(batch_size, dtype=torch.float64), "betas": betas, "eps": eps}
-        super().__init__(params, defaults)
+        super().__init__(params, {"lr": torch.zeros(batch_size, dtype=torch.float64), **defaults})
         for group in self.param_groups:
             for p in group["params"]:
                 if p.shape[0] != batch_size:
@@ -50,6 +45,22 @@ class PerImageAdam(torch.optim.Optimizer):
             group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float64).expand(batch_size).clone()
         # Images that take part in the next step; finished images are frozen.
         self.active = torch.ones(batch_size, dtype=torch.bool)
+
+    def set_lrs(self, lrs: dict[str, Tensor]) -> None:
+        """Set every group's per-image learning rates ([B] float64 tensors), by group name."""
+        for group in self.param_groups:
+            group["lr"] = lrs[group["name"]]
+
+
+class PerImageAdam(StackedOptimizer):
+    def __init__(
+        self,
+        params: Iterable[dict[str, Any]],
+        batch_size: int,
+        betas: tuple[float, float] = (0.0, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        super().__init__(params, batch_size, {"betas": betas, "eps": eps})
         self.image_steps = torch.zeros(batch_size, dtype=torch.float64)
         # Tensors that torch.optim.Adam would skip on some steps (their .grad is None there,
         # e.g. DGP's conditional-BN linears while instance norm replaces BN) carry a mask key;
@@ -62,11 +73,6 @@ class PerImageAdam(torch.optim.Optimizer):
                 if key is not None:
                     self._mask_key[id(p)] = key
                     self.masked_steps.setdefault(key, torch.zeros(batch_size, dtype=torch.float64))
-
-    def set_lrs(self, lrs: dict[str, Tensor]) -> None:
-        """Set every group's per-image learning rates ([B] float64 tensors), by group name."""
-        for group in self.param_groups:
-            group["lr"] = lrs[group["name"]]
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
@@ -139,7 +145,7 @@ class PerImageAdam(torch.optim.Optimizer):
             self.masked_steps[key] = torch.zeros(self.batch_size, dtype=torch.float64)
 
 
-class PerImageSGD(torch.optim.Optimizer):
+class PerImageSGD(StackedOptimizer):
     """Plain SGD (no momentum, no weight decay) over stacked per-image parameters.
 
     mGANprior's released optimiser (``--optimization GD``: ``torch.optim.SGD(latents, lr)``,
@@ -150,22 +156,8 @@ class PerImageSGD(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Iterable[dict[str, Any]], batch_size: int) -> None:
-        self.batch_size = batch_size
-        super().__init__(params, {"lr": torch.zeros(batch_size, dtype=torch.float64)})
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.shape[0] != batch_size:
-                    raise ValueError(
-                        f"parameter of shape {tuple(p.shape)} in group {group.get('name')!r} "
-                        f"is not stacked over {batch_size} images"
-                    )
-            group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float64).expand(batch_size).clone()
-        self.active = torch.ones(batch_size, dtype=torch.bool)
+        super().__init__(params, batch_size, {})
         self.masks: dict[str, Tensor] = {}  # accepted for interface parity; SGD has no state
-
-    def set_lrs(self, lrs: dict[str, Tensor]) -> None:
-        for group in self.param_groups:
-            group["lr"] = lrs[group["name"]]
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]

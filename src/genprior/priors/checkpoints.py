@@ -216,6 +216,19 @@ def infer_biggan_config(state: Mapping[str, Tensor]) -> dict[str, Any] | None:
     return None
 
 
+def mismatch_lines(path: Any, label: str, missing: list[str], unexpected: list[str],
+                   wrong: list[str]) -> list[str]:
+    """The body of a "file does not fit" error: the missing, unexpected and misshapen keys."""
+    lines = [f"checkpoint {path} does not fit the {label}:"]
+    if missing:
+        lines.append(f"  {len(missing)} missing keys: {_listing(missing)}")
+    if unexpected:
+        lines.append(f"  {len(unexpected)} unexpected keys: {_listing(unexpected)}")
+    if wrong:
+        lines.append(f"  {len(wrong)} keys with the wrong shape: {_listing(wrong)}")
+    return lines
+
+
 def _listing(items: list[str]) -> str:
     shown = ", ".join(items[:_MAX_LISTED])
     more = len(items) - _MAX_LISTED
@@ -279,13 +292,7 @@ def load_checkpoint_into(
         if k in state and state[k].shape != own[k].shape
     ]
     if wrong or (strict and (missing or unexpected)):
-        lines = [f"checkpoint {path} does not fit the {label or type(model).__name__}:"]
-        if missing:
-            lines.append(f"  {len(missing)} missing keys: {_listing(missing)}")
-        if unexpected:
-            lines.append(f"  {len(unexpected)} unexpected keys: {_listing(unexpected)}")
-        if wrong:
-            lines.append(f"  {len(wrong)} keys with the wrong shape: {_listing(wrong)}")
+        lines = mismatch_lines(path, label or type(model).__name__, missing, unexpected, wrong)
         lines.append(_fit_hint(state, role))
         raise CheckpointError("\n".join(lines))
     model.load_state_dict(state, strict=False)

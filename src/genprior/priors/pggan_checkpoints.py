@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from genprior.priors.checkpoints import CheckpointError, _listing, _read_state_dict
+from genprior.priors.checkpoints import CheckpointError, _read_state_dict, mismatch_lines
 from genprior.priors.pggan import INIT_RESOLUTION, PGGANGenerator, pggan_channels
 
 __all__ = [
@@ -206,13 +206,7 @@ def load_pggan_checkpoint_into(
         if k in state and state[k].shape != own[k].shape
     ]
     if missing or unexpected or wrong:
-        lines = [f"checkpoint {path} does not fit the {label or 'PGGAN generator'}:"]
-        if missing:
-            lines.append(f"  {len(missing)} missing keys: {_listing(missing)}")
-        if unexpected:
-            lines.append(f"  {len(unexpected)} unexpected keys: {_listing(unexpected)}")
-        if wrong:
-            lines.append(f"  {len(wrong)} keys with the wrong shape: {_listing(wrong)}")
+        lines = mismatch_lines(path, label or "PGGAN generator", missing, unexpected, wrong)
         lines.append(_fit_hint(state))
         raise CheckpointError("\n".join(lines))
     lod = float(state["lod"])

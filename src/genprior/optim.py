@@ -51,6 +51,13 @@ class StackedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             group["lr"] = lrs[group["name"]]
 
+    @staticmethod
+    def _evaluate(closure: Any) -> Any:
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
 
 class PerImageAdam(StackedOptimizer):
     def __init__(
@@ -76,10 +83,7 @@ class PerImageAdam(StackedOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._evaluate(closure)
         if not bool(self.active.any()):
             return loss
         # One step count per image, shared by every tensor of that image that steps with it;
@@ -161,10 +165,7 @@ class PerImageSGD(StackedOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._evaluate(closure)
         if not bool(self.active.any()):
             return loss
         all_on = bool(self.active.all())

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from genprior.degradations import Degradation
+from genprior.methods.base import SettingsAccessors
 from genprior.metrics import IMAGE_KEYS, lab_recombine, psnr, restoration_metrics
 from genprior.priors.biggan import Discriminator, Generator, feature_l1_terms
 from genprior.schedule import Progress, Stage, group_lrs
@@ -71,7 +72,7 @@ class StepRecord:
         }
 
 
-class DGP(nn.Module):
+class DGP(SettingsAccessors, nn.Module):
     """Fits B images at once; holds the shared G, D and the per-image tensors."""
 
     def __init__(
@@ -200,21 +201,6 @@ class DGP(nn.Module):
             lrs["z"][b] = z_lr
         lrs["embed"] = lrs["G0"].clone()
         return lrs
-
-    def total_steps(self) -> int:
-        return self.progress.total_steps()
-
-    @property
-    def print_interval(self) -> int:
-        return self.settings.print_interval
-
-    @property
-    def betas(self) -> tuple[float, float]:
-        return self.settings.betas
-
-    @property
-    def eps(self) -> float:
-        return self.settings.eps
 
     # ------------------------------------------------------------------ forward passes
     def embed(self, y: Tensor) -> Tensor:

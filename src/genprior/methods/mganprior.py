@@ -52,6 +52,7 @@ from genprior.degradations import (
     truncate_to_uint8,
 )
 from genprior.losses import IMAGENET_MEAN, IMAGENET_STD, VGG16_LAYERS, load_vgg16_features
+from genprior.methods.base import SettingsAccessors
 from genprior.metrics import psnr, ssim
 from genprior.optim import PerImageAdam, PerImageSGD
 from genprior.priors.pggan import PGGANGenerator
@@ -258,7 +259,7 @@ def ycbcr_recombine(result: Tensor, target: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-class MGANPrior(nn.Module):
+class MGANPrior(SettingsAccessors, nn.Module):
     """Fits B images at once with a fixed PGGAN; holds the per-image codes and importances."""
 
     def __init__(
@@ -340,21 +341,6 @@ class MGANPrior(nn.Module):
     def step_lrs(self) -> dict[str, Tensor]:
         lr = torch.tensor([0.0 if d else self.settings.lr for d in self.progress.done], dtype=torch.float64)
         return {"z": lr, "alpha": lr.clone()}
-
-    def total_steps(self) -> int:
-        return self.progress.total_steps()
-
-    @property
-    def print_interval(self) -> int:
-        return self.settings.print_interval
-
-    @property
-    def betas(self) -> tuple[float, float]:
-        return self.settings.betas
-
-    @property
-    def eps(self) -> float:
-        return self.settings.eps
 
     # ------------------------------------------------------------------ forward and loss
     def render(self, z: Tensor | None = None, alpha: Tensor | None = None) -> Tensor:

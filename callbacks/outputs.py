@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ import torch
 from torch import Tensor
 
 from genprior.image_io import save_image
+
+log = logging.getLogger("genprior")
 
 
 def image_grid(frames: list[Tensor], ncol: int | None = None, normalize: bool = True) -> Tensor:
@@ -118,10 +121,36 @@ class LossLogger(L.Callback):
 class ImageOutputs(L.Callback):
     """Writes every image's files into ``<out>/<image id>/`` when its fit ends."""
 
-    def __init__(self, out_dir: Path, snapshots: StageSnapshots | None = None) -> None:
+    def __init__(self, out_dir: Path, snapshots: StageSnapshots | None = None,
+                 extra_metrics: dict[str, Any] | None = None, labels: list[int] | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.snapshots = snapshots
+        self.extra_metrics = extra_metrics or {}
+        self.labels = labels
         self.results: list[dict[str, Any]] = []
+
+    def _extra_scores(self, result: Tensor, target: Tensor | None) -> dict[str, Tensor]:
+        """Per-image ``metrics.extra`` values (LPIPS, NIQE, top1/top5, colorization AuC) of the
+        displayed result in [0, 1] against the displayed target and the images' classes."""
+        if not self.extra_metrics:
+            return {}
+        from genprior.metrics_extra import score_batch
+
+        n = result.shape[0]
+        labels = torch.tensor(self.labels if self.labels and len(self.labels) == n else [-1] * n)
+        scores: dict[str, Tensor] = {}
+        with torch.no_grad():
+            for name, metric in self.extra_metrics.items():
+                try:
+                    metric.to(result.device)
+                    scores.update(score_batch({name: metric}, result.float(),
+                                              None if target is None else target.float(), labels))
+                except Exception as err:  # a metric that cannot score this task costs no image
+                    keys = getattr(metric, "keys", (name,))
+                    log.warning("metric %r cannot score these images (%s: %s); reported as NaN",
+                                name, type(err).__name__, err)
+                    scores.update({k: torch.full((n,), math.nan) for k in keys})
+        return scores
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         method = pl_module.method
@@ -130,6 +159,7 @@ class ImageOutputs(L.Callback):
         obs_disp = method.observation_for_display()
         target_disp = method.clean_for_display()
         result_disp = method.display(final)
+        extra_scores = self._extra_scores(result_disp, target_disp)
         records = pl_module.records
         for b, image_id in enumerate(method.ids):
             folder = self.out_dir / _safe(image_id)
@@ -158,6 +188,7 @@ class ImageOutputs(L.Callback):
                 "error": failed,
                 "steps": len(rows),
                 **{k: float(v[b]) for k, v in metrics.items()},
+                **{k: float(v[b]) for k, v in extra_scores.items()},
                 **method.observation_metrics(b),
                 **{f"final_{k}": r[k] for r in rows[-1:] for k in r if k != "step"},
                 **method.image_info(b),

@@ -126,6 +126,25 @@ def test_ssim_matches_skimage_on_random_and_synthetic(data_range: float) -> None
     )
 
 
+def test_gaussian_window_ssim_matches_wang_et_al_as_skimage_computes_it() -> None:
+    """window="gaussian11" (mGANprior's SSIM): 11x11 Gaussian, sigma 1.5, population covariance."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.rand(2, 3, 33, 47, generator=g)
+    b = (a + 0.2 * torch.randn(a.shape, generator=g)).clamp(0, 1)
+    for x, y in ((a, b), _synthetic_pair()):
+        expected = [structural_similarity(_hwc(xi), _hwc(yi), channel_axis=-1, data_range=1.0,
+                                          gaussian_weights=True, sigma=1.5,
+                                          use_sample_covariance=False) for xi, yi in zip(x, y)]
+        got = ssim(x, y, data_range=1.0, window="gaussian11")
+        np.testing.assert_allclose(got.numpy(), expected, atol=SKIMAGE_ATOL)
+        # a different number from the 7x7 uniform window, so the option matters
+        assert (got - ssim(x, y, data_range=1.0)).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="gaussian11"):
+        ssim(a, b, data_range=1.0, window="box")
+    with pytest.raises(ValueError, match="11x11"):
+        ssim(a[..., :10, :10], b[..., :10, :10], data_range=1.0, window="gaussian11")
+
+
 @pytest.mark.shared
 @pytest.mark.parametrize("data_range", [1.0, 2.0])
 def test_psnr_ssim_match_skimage_on_real_image(

@@ -519,3 +519,41 @@ def test_metrics_on_cuda_match_cpu(alexnet_file) -> None:
     for metric, args in ((NIQE(model).cuda(), (x.cuda(),)), (ColorizationAuC().cuda(), (x.cuda(), y.cuda()))):
         metric.update(*args)
         assert metric.compute().device.type == "cuda"
+
+
+# ------------------------------------------------------------------ in evaluate.py's rows
+def test_evaluate_rows_and_summary_hold_the_extra_metrics(tmp_path: Path, alexnet_file) -> None:
+    """metrics.extra puts per-image LPIPS / AuC / accuracy into every row and the summary; a
+    metric without its file (NIQE, the classifier here) is NaN (null), and the run succeeds."""
+    import json
+
+    from genprior.evaluate import run_evaluate
+    from genprior.train import _EXTRA_METRICS_CACHE
+
+    path, _ = alexnet_file
+    out = tmp_path / "eval"
+    args = [
+        "prior=biggan_tiny", "task=colorization", "dgp.iterations=[2,0,0,0,0]", "dgp.select_num=2",
+        "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "logger=none",
+        "metrics.extra=[lpips,niqe,accuracy,colorization_auc]", f"metrics.lpips_backbone_weights={path}",
+        f"metrics.classifier_weights={tmp_path / 'missing_resnet50.pth'}", "data.class_id=3",
+        f"output.dir={out}",
+    ]
+    _EXTRA_METRICS_CACHE.clear()
+    assert run_evaluate(args) == 0
+    row = json.loads((out / "results.jsonl").read_text().splitlines()[0])
+    assert row["status"] == "ok"
+    # scored on the float result; recomputed here from the saved 8-bit PNGs
+    folder = out / row["dir"]
+    result, target = (torch.from_numpy(np.array(Image.open(folder / f"{n}.png").convert("RGB")))
+                      .permute(2, 0, 1)[None].float() / 255 for n in ("result", "target"))
+    network = load_lpips_network("alex", backbone_weights=path)
+    assert abs(row["lpips"] - float(lpips(result, target, network, value_range=(0, 1)))) < 2e-3
+    assert abs(row["colorization_auc"] - float(colorization_auc(result, target, value_range=(0, 1)))) < 0.5
+    assert 0 < row["colorization_auc"] < 100
+    for key in ("niqe", "top1", "top5"):  # no NIQE model, no classifier file
+        assert row[key] is None or not np.isfinite(row[key])
+    summary = json.loads((out / "summary.json").read_text())["metrics"]
+    assert summary["lpips"]["n"] == 1 and abs(summary["lpips"]["mean"] - row["lpips"]) < 1e-9
+    assert "colorization_auc" in summary and "niqe" not in summary
+    assert json.loads((folder / "metrics.json").read_text())["colorization_auc"] == row["colorization_auc"]

@@ -138,6 +138,9 @@ class MGANConfig:
     average_codes: bool = True  # the code's 1/N in the composition; false: the paper's plain sum
     hole_size: int = 64  # task=inpainting: a centred hole_size x hole_size square
     ssim_data_range: float = 1.0  # images in [0, 1]
+    # gaussian11: Wang et al.'s 11x11 Gaussian window (sigma 1.5), as the paper reports SSIM;
+    # uniform7: skimage's default 7x7 uniform window (genprior's SSIM before this option)
+    ssim_window: str = "gaussian11"
     print_interval: int = 100
 
 
@@ -263,6 +266,54 @@ class EvalConfig:
 
 
 @dataclass
+class AttackConfig:
+    """One attack of the adversarial-defense benchmark (genprior.defense, docs/defense.md)."""
+
+    name: str = "pgd"  # fgsm | pgd (L-inf) | pgdl2 | square (gradient-free, score-based)
+    label: str | None = None  # name in rows and the report; None: the attack's name
+    norm: str = "Linf"  # square only (Linf | L2); fgsm/pgd are L-inf, pgdl2 is L2
+    eps: float = 0.0156862745  # 4/255, in [0, 1] pixel space
+    steps: int = 10  # gradient steps (pgd, pgdl2)
+    alpha: float | None = None  # step size; None: 2.5 * eps / steps (Madry et al.)
+    restarts: int = 1  # random restarts; per image the first success (else the worst loss) is kept
+    n_queries: int = 1000  # square only
+    settings: list[str] | None = None  # None: every defense.settings; e.g. [transfer]
+
+
+@dataclass
+class DefenseConfig:
+    """task=defense: attacks on a classifier, purification by the prior, the robustness report."""
+
+    classifier: str = "resnet50.tv_in1k"  # any timm model name
+    # A local weights file; None: the torchvision file in the torch hub cache. "random": a
+    # seeded random init with num_classes outputs, for tests and smoke runs only.
+    classifier_weights: str | None = None
+    num_classes: int = 1000  # classifier_weights=random only
+    input_size: int | None = None  # None: the model's own (224 for ResNet-50)
+    # data: the dataset's classes; classifier: the bare classifier's clean prediction (smoke runs
+    # with a random classifier, whose clean accuracy is then 100 % by construction)
+    labels: str = "data"
+    # purifier: prior (the configured prior's fit, identity degradation) | identity (no defense)
+    purifier: str = "prior"
+    attacks: list[AttackConfig] = field(default_factory=lambda: [
+        AttackConfig(name="fgsm", eps=4 / 255),
+        AttackConfig(name="pgd", eps=4 / 255, steps=10),
+        AttackConfig(name="pgdl2", eps=1.0, steps=10),
+        AttackConfig(name="square", eps=4 / 255, n_queries=1000, settings=["transfer"]),
+    ])
+    settings: list[str] = field(default_factory=lambda: ["transfer", "adaptive"])
+    eot_samples: int = 4  # adaptive: purifier runs averaged per attack step (EOT)
+    purify_clean: bool = True  # also score the purified clean image (the defense's clean cost)
+    # Sanity check on the bare classifier: PGD-Linf accuracy at each eps must not increase, and
+    # unbounded_eps (1.0 = any image in [0, 1]) must reach 0 %.
+    eps_sweep: list[float] = field(default_factory=lambda: [0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255])
+    unbounded_eps: float = 1.0
+    sweep_steps: int = 10
+    adversarial_dir: str | None = None  # saved adversarial images; None: <output.dir>/adversarial
+    attack_seed: int = 0  # random starts and Square's sampling; purifier seeds: seed, seed+1, ...
+
+
+@dataclass
 class Config:
     prior: PriorConfig = field(default_factory=PriorConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -276,6 +327,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     mganprior: MGANConfig = field(default_factory=MGANConfig)
     manipulation: ManipulationConfig = field(default_factory=ManipulationConfig)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
     seed: int = 0
     # The presets this config was composed from (filled in by compose; informational).
     presets: dict[str, str] = field(default_factory=dict)

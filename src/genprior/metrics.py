@@ -89,30 +89,39 @@ def psnr(preds: Tensor, target: Tensor, data_range: float = 1.0) -> Tensor:
     return 10 * torch.log10(data_range**2 / err)
 
 
-def ssim(preds: Tensor, target: Tensor, *, data_range: float) -> Tensor:
-    """Mean SSIM per image, as skimage's structural_similarity(channel_axis=-1) defaults.
+def ssim(preds: Tensor, target: Tensor, *, data_range: float, window: str = "uniform7") -> Tensor:
+    """Mean SSIM per image, K1 = 0.01, K2 = 0.03, per channel, then averaged over channels.
 
-    7x7 uniform window, sample covariance (N/(N-1)), K1 = 0.01, K2 = 0.03, computed per channel,
-    each map averaged after cropping a 3-pixel border, then averaged over channels. The crop
-    means only windows lying fully inside the image count, so a 'valid' box filter gives the
-    cropped map directly and skimage's reflect padding never matters.
+    ``window="uniform7"`` (DGP's reference) is skimage's structural_similarity(channel_axis=-1)
+    default: 7x7 uniform window with sample covariance (N/(N-1)). ``window="gaussian11"`` is
+    Wang et al. (2004): an 11x11 Gaussian window with sigma 1.5 and population covariance, the
+    SSIM the mGANprior paper reports (skimage with gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False). Either way each map is averaged over the windows that lie
+    fully inside the image: skimage crops the border that its reflect padding touches, so a
+    'valid' filter gives the cropped map directly.
 
     ``data_range`` has no default on purpose: DGP's reference value is 2.0 (see
     ``REFERENCE_SSIM_DATA_RANGE``) and the correct value for [0, 1] images is 1.0.
     """
     _check_pair(preds, target)
-    if min(preds.shape[-2:]) < _SSIM_WIN:
-        raise ValueError(f"SSIM needs images of at least {_SSIM_WIN}x{_SSIM_WIN} pixels")
+    if window not in SSIM_WINDOWS:
+        raise ValueError(f"SSIM window must be one of {list(SSIM_WINDOWS)}, got {window!r}")
+    taps, sample_cov = SSIM_WINDOWS[window]
+    size = taps.numel()
+    if min(preds.shape[-2:]) < size:
+        raise ValueError(f"SSIM ({window}) needs images of at least {size}x{size} pixels")
     x = preds.double()
     y = target.double()
-    n = _SSIM_WIN * _SSIM_WIN
-    cov_norm = n / (n - 1)
+    n = size * size
+    cov_norm = n / (n - 1) if sample_cov else 1.0
 
-    # One separable 7-tap mean over the five maps at once (scipy's uniform_filter is separable
-    # too): along rows, then columns. unfold + mean is several times faster than avg_pool2d
+    # One separable filter over the five maps at once (scipy's filters are separable too):
+    # along rows, then columns. unfold + weighted sum is several times faster than conv2d
     # for float64 on the CPU.
+    w = taps.to(x.device)
     maps = torch.cat((x, y, x * x, y * y, x * y), dim=1)
-    maps = maps.unfold(-2, _SSIM_WIN, 1).mean(-1).unfold(-1, _SSIM_WIN, 1).mean(-1)
+    maps = (maps.unfold(-2, size, 1) * w).sum(-1)
+    maps = (maps.unfold(-1, size, 1) * w).sum(-1)
     ux, uy, uxx, uyy, uxy = maps.chunk(5, dim=1)
     vx = cov_norm * (uxx - ux * ux)
     vy = cov_norm * (uyy - uy * uy)
@@ -124,6 +133,19 @@ def ssim(preds: Tensor, target: Tensor, *, data_range: float) -> Tensor:
     # Mean over each channel's map, then over channels: equal channel sizes make this the
     # mean over all of them.
     return (num / den).mean(dim=(1, 2, 3))
+
+
+def _gaussian_taps(size: int, sigma: float) -> Tensor:
+    r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(r * r) / (2 * sigma * sigma))
+    return g / g.sum()
+
+
+# window name -> (1-D taps of the separable window, sample covariance)
+SSIM_WINDOWS: dict[str, tuple[Tensor, bool]] = {
+    "uniform7": (torch.full((_SSIM_WIN,), 1.0 / _SSIM_WIN, dtype=torch.float64), True),
+    "gaussian11": (_gaussian_taps(11, 1.5), False),
+}
 
 
 def mse(preds: Tensor, target: Tensor, value_range: Sequence[float] = (-1.0, 1.0)) -> Tensor:

@@ -69,15 +69,20 @@ def run_train(argv: Sequence[str]) -> int:
 def fit_batch(
     cfg: DictConfig, method: Any, out: Path, previous_optimizer: Any = None,
     loggers: list[Any] | None = None, extra_callbacks: list[Any] | None = None,
+    extra_metrics: dict[str, Any] | None = None, labels: list[int] | None = None,
 ) -> tuple[list[dict[str, Any]], Any]:
-    """Fit one batch of images already loaded into ``method``; returns rows and the optimizer."""
+    """Fit one batch of images already loaded into ``method``; returns rows and the optimizer.
+
+    ``extra_metrics`` (``metrics.extra``: LPIPS, NIQE, accuracy, AuC) score each final image
+    against its target and ``labels`` (the images' classes) into its row.
+    """
     from genprior.callbacks.outputs import ImageOutputs, LossLogger, StageSnapshots
     from genprior.callbacks.progress import StageProgressBar
     from genprior.reconstruction import Reconstruction, StepLoader
 
     save_interval = list(cfg.dgp.save_interval) if cfg.prior.kind == "biggan" and cfg.dgp.save_interval else None
     snapshots = StageSnapshots(print_interval=method.print_interval, save_interval=save_interval, out_dir=out)
-    outputs = ImageOutputs(out, snapshots)
+    outputs = ImageOutputs(out, snapshots, extra_metrics=extra_metrics, labels=labels)
     betas = tuple(method.betas)
     module = Reconstruction(method, betas=betas, eps=method.eps, previous_optimizer=previous_optimizer)
     callbacks = [snapshots, LossLogger(cfg.logger.log_every_n_steps), outputs, *(extra_callbacks or [])]
@@ -153,6 +158,25 @@ def _print_summary(rows: list[dict[str, Any]], out: Path, cfg: DictConfig) -> No
     print(f"outputs: {out.resolve()}")
 
 
+_EXTRA_METRICS_CACHE: dict[str, dict[str, Any]] = {}
+
+
+def build_extra_metrics(cfg: DictConfig) -> dict[str, Any]:
+    """``metrics.extra`` built once per process and metric settings (their networks are loaded
+    from local files; a missing file gives a metric that reports NaN with instructions)."""
+    from omegaconf import OmegaConf
+
+    if not cfg.metrics.extra:
+        return {}
+    key = OmegaConf.to_yaml(cfg.metrics)
+    if key not in _EXTRA_METRICS_CACHE:
+        from genprior.metrics_extra import build_metrics
+
+        # Scored on the displayed images, which are in [0, 1] for every prior.
+        _EXTRA_METRICS_CACHE[key] = build_metrics(cfg.metrics, value_range=(0.0, 1.0))
+    return _EXTRA_METRICS_CACHE[key]
+
+
 def failed_row(item: ImageItem, error: str) -> dict[str, Any]:
     return {"id": item.id, "path": item.path, "class": item.class_id, "status": "failed", "error": error}
 
@@ -178,6 +202,7 @@ def run_batches(
     B = max(1, int(cfg.trainer.batch_size))
     loggers = make_loggers(cfg, out) if loggers is None else loggers
     previous_optimizer = None
+    extra_metrics = build_extra_metrics(cfg)
     carry = bool(cfg.prior.kind == "biggan" and cfg.dgp.carry_optimizer_state)
     queue = [usable[i : i + B] for i in range(0, len(usable), B)]
     while queue:
@@ -186,7 +211,7 @@ def run_batches(
         try:
             method = prepare(batch)
             batch_rows, opt = fit_batch(cfg, method, out, previous_optimizer if carry else None, loggers,
-                                        callbacks)
+                                        callbacks, extra_metrics, [item.class_id for item in batch])
             previous_optimizer = opt
         except Exception as err:  # one bad image must not cost the others
             if len(batch) > 1:

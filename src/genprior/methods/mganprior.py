@@ -270,6 +270,7 @@ class MGANPrior(SettingsAccessors, nn.Module):
         perceptual: VGGFeatureLoss | None = None,
         task: str = "inversion",
         ssim_data_range: float = 1.0,
+        ssim_window: str = "gaussian11",
     ) -> None:
         super().__init__()
         self.G = G.eval()
@@ -280,6 +281,7 @@ class MGANPrior(SettingsAccessors, nn.Module):
         self.perceptual = perceptual
         self.task = task
         self.ssim_data_range = float(ssim_data_range)
+        self.ssim_window = str(ssim_window)
         self.layer = G.check_layer(settings.composing_layer)
         self.channels = G.feature_shape(self.layer)[0]
         if settings.vgg_lambda > 0 and perceptual is None:
@@ -419,14 +421,14 @@ class MGANPrior(SettingsAccessors, nn.Module):
         clean = self.clean_for_display().double()
         out = {
             "psnr": psnr(result, clean, data_range=1.0),
-            "ssim": ssim(result, clean, data_range=self.ssim_data_range),
+            "ssim": ssim(result, clean, data_range=self.ssim_data_range, window=self.ssim_window),
         }
         box = self.hole_box()
         if box is not None:
             top, bottom, left, right = box
             crop_r, crop_c = result[..., top:bottom, left:right], clean[..., top:bottom, left:right]
             out["psnr_hole"] = psnr(crop_r, crop_c, data_range=1.0)
-            out["ssim_hole"] = ssim(crop_r, crop_c, data_range=self.ssim_data_range)
+            out["ssim_hole"] = ssim(crop_r, crop_c, data_range=self.ssim_data_range, window=self.ssim_window)
         return out
 
     @torch.no_grad()

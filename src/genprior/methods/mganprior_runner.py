@@ -71,7 +71,8 @@ class MGANRunner:
             ).to(self.device)
         G = load_pggan_prior(cfg, self.device)
         self.method = MGANPrior(G, settings, degradation, perceptual=perceptual, task=task,
-                                ssim_data_range=float(m.ssim_data_range))
+                                ssim_data_range=float(m.ssim_data_range),
+                                ssim_window=str(m.ssim_window))
 
     def prepare(self, batch: list[ImageItem]) -> MGANPrior:
         images = torch.stack([item.image for item in batch]).to(self.device)

@@ -32,6 +32,9 @@ IMPLEMENTED_ROWS = {
     "dgp_t4_sr_progressive": "Table 4 SR Discriminator + progressive",
     "dgp_ood_inpainting_dgp": "out-of-ImageNet inpainting DGP",
     "dgp_t5_dgp": "Table 5 DGP",
+    "dgp_t2_dip": "Table 2 DIP",
+    "dgp_t3_dip": "Table 3 DIP",
+    "dgp_ood_inpainting_dip": "out-of-ImageNet inpainting DIP",
     # mGANprior
     "mganprior_t1_a_bedroom": "Table 1 (a) bedroom",
     "mganprior_t1_a_church": "Table 1 (a) church",
@@ -52,6 +55,9 @@ IMPLEMENTED_ROWS = {
     "mganprior_fig11_inpainting_l2": "Fig. 11 inpainting layer 2",
     "mganprior_fig11_inpainting_l4": "Fig. 11 inpainting layer 4",
     "mganprior_fig11_inpainting_l8": "Fig. 11 inpainting layer 8",
+    "mganprior_t3_dip": "Table 3 DIP",
+    "mganprior_t4_dip_centre": "Table 4 DIP, centre",
+    "mganprior_t4_dip_random": "Table 4 DIP, random",
     # Deep Image Prior
     "dip_denoising_1800": "denoising, single output after 1800 steps",
     "dip_denoising_ema": "denoising, sliding-window average",

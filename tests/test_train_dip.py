@@ -29,3 +29,30 @@ def test_size_dip_cannot_take_fails_with_a_clear_message(tmp_path: Path) -> None
     row = json.loads((out / "results.jsonl").read_text().splitlines()[0])
     assert row["status"] == "failed"
     assert "32" in row["error"] and "64" in row["error"], row["error"]
+
+
+def test_generated_centre_holes_and_hole_metrics(tmp_path: Path) -> None:
+    """dip.mask_shape: DGP's centre hole and mGANprior's square, scored on the hole (the DIP
+    columns of the DGP and mGANprior tables)."""
+    import numpy as np
+    from PIL import Image
+
+    from genprior.degradations import center_hole_box
+
+    small = ["dip.num_channels_down=[8,8,8,8,8]", "dip.num_channels_up=[8,8,8,8,8]", "dip.num_iter=3"]
+    for shape, box in (("dgp_center_hole", center_hole_box(64, 64)), ("center_square", (24, 40, 24, 40))):
+        out = tmp_path / shape
+        args = [*SHORT, *small, "task=dip_inpainting_vase", f"dip.mask_shape={shape}", "dip.hole_size=16",
+                "data.image_size=64", f"output.dir={out}"]
+        assert run_train(args) == 0
+        row = json.loads((out / "astronaut" / "metrics.json").read_text())
+        assert row["status"] == "ok" and {"psnr_hole", "ssim_hole", "ssim"} <= row.keys()
+        observed, target = (np.asarray(Image.open(out / "astronaut" / f"{n}.png")).astype(int)
+                            for n in ("observation", "target"))
+        top, bottom, left, right = box
+        hole = np.zeros(observed.shape[:2], dtype=bool)
+        hole[top:bottom, left:right] = True
+        assert (observed[hole] == 0).all() and (observed[~hole] == target[~hole]).all()
+        assert target[hole].sum() > 0
+    assert run_train([*SHORT, *small, "task=dip_inpainting_vase", "dip.mask_shape=ring",
+                      "data.image_size=64", f"output.dir={tmp_path / 'bad'}"]) == 1

@@ -108,6 +108,9 @@ class DIPSettings:
     show_every: int = 100  # backtracking period (the notebooks' show_every)
     backtracking_drop_db: float = 5.0
     final_input: str = "perturbed"  # input of the final forward: perturbed (last z̃) | saved (z)
+    # Early stop (DGP Table 5's adversarial defense): the fit ends once the MSE between the
+    # output and the observation drops below this; 0 = off (every notebook).
+    stop_mse: float = 0.0
 
     # Forward models and observation preparation (used by the helpers below and the presets)
     sr_factor: int = 4
@@ -116,6 +119,14 @@ class DIPSettings:
     tv_beta: float = 0.5
     noise_std: float = 25.0 / 255.0  # AWGN σ of the denoising observation
     mask_keep_above: float = 0.5  # restoration: a pixel is known when U[0,1) > this
+    # inpainting's mask: "file" (task.mask_path, the notebooks), or a generated centre hole for
+    # the DIP columns of the DGP/mGANprior tables: "dgp_center_hole" (DGP's hole, side
+    # floor(min(H, W)/3)) or "center_square" (hole_size x hole_size, mGANprior's 64x64)
+    mask_shape: str = "file"
+    hole_size: int = 64
+    # SSIM of the rows (not in the notebooks): 1.0 for these [0, 1] images; the DIP columns of
+    # DGP's tables set 2.0, DGP's reference convention (docs/degradations_and_metrics.md)
+    ssim_data_range: float = 1.0
     reflect_pad: int = 0  # restoration barbara: reflection-pad the image by 1 pixel first
     crop_multiple: int = 32  # notebooks centre-crop H and W to multiples of this
 
@@ -578,6 +589,7 @@ class DIPMethod(nn.Module):
         target = self.target()
         # MSELoss(mean) per image: the mean runs over C·H·W, hole pixels included (SPEC §8.4).
         loss = (degraded - target).square().flatten(1).mean(dim=1)
+        self.last_mse = loss.detach()  # the data term alone, for stop_mse
         if s.tv_weight:
             loss = loss + s.tv_weight * torch.stack([tv_loss(o[None], s.tv_beta) for o in out])
 

@@ -21,6 +21,7 @@ from PIL import Image
 from torch import Tensor
 
 from genprior.methods.dip import DIPMethod, DIPSettings, crop_tensor_to_multiple, psnr
+from genprior.metrics import ssim
 from genprior.schedule import Progress, Stage
 from genprior.train import ImageItem, image_generator, run_batches
 
@@ -40,8 +41,12 @@ class DIPRecord:
 class DIPFit:
     """Adapter: a ``DIPMethod`` driven one Lightning step at a time."""
 
-    def __init__(self, dip: DIPMethod, ids: list[str], observation_display: Tensor) -> None:
+    def __init__(self, dip: DIPMethod, ids: list[str], observation_display: Tensor,
+                 hole_box: tuple[int, int, int, int] | None = None,
+                 ssim_data_range: float | None = None) -> None:
         self.dip = dip
+        self.hole_box = hole_box
+        self.ssim_data_range = ssim_data_range
         self.ids = ids
         self.batch_size = dip.num_images
         s = dip.settings
@@ -72,7 +77,10 @@ class DIPFit:
 
     def end_step(self, record: DIPRecord) -> list[bool]:
         self.step += 1
-        return self.progress.end_step([False] * self.batch_size)
+        stop = [False] * self.batch_size
+        if self.dip.settings.stop_mse > 0:  # ends the fit: DIP has one stage
+            stop = (self.dip.last_mse < self.dip.settings.stop_mse).tolist()
+        return self.progress.end_step(stop)
 
     def total_steps(self) -> int:
         return self.progress.total_steps()
@@ -104,7 +112,19 @@ class DIPFit:
     def metrics(self, x: Tensor | None) -> dict[str, Tensor]:
         if self.dip.clean is None or x is None:
             return {}
-        return {"psnr": psnr(self.dip.clean, x.clamp(0, 1))}
+        clean, result = self.dip.clean, x.clamp(0, 1)
+        out = {"psnr": psnr(clean, result)}
+        # SSIM (metrics.ssim_data_range) and the hole's PSNR/SSIM, for the DIP columns of the
+        # DGP and mGANprior tables; the notebooks report PSNR only.
+        if self.ssim_data_range is not None and min(clean.shape[-2:]) >= 7:
+            out["ssim"] = ssim(result, clean, data_range=self.ssim_data_range)
+        if self.hole_box is not None:
+            top, bottom, left, right = self.hole_box
+            crop_r, crop_c = result[..., top:bottom, left:right], clean[..., top:bottom, left:right]
+            out["psnr_hole"] = psnr(crop_c, crop_r)
+            if self.ssim_data_range is not None:
+                out["ssim_hole"] = ssim(crop_r, crop_c, data_range=self.ssim_data_range)
+        return out
 
     def extra_images(self, x: Tensor, b: int) -> dict[str, Tensor]:
         if self.last_output is None:
@@ -156,6 +176,10 @@ class DIPRunner:
             if task == "restoration":
                 gen = image_generator(int(self.cfg.seed), item.id)
                 mask = (torch.rand(clean.shape[-2:], generator=gen) > s.mask_keep_above).float()[None]
+            elif s.mask_shape != "file":
+                top, bottom, left, right = self.hole_box(*clean.shape[-2:])
+                mask = torch.ones(1, *clean.shape[-2:])
+                mask[:, top:bottom, left:right] = 0.0
             else:
                 path = self.cfg.task.mask_path
                 if not path:
@@ -166,6 +190,20 @@ class DIPRunner:
                 mask = torch.from_numpy((np.asarray(m) > 127).astype(np.float32))[None]
             return clean * mask, mask, clean, clean * mask
         raise ValueError(f"DIP task {task!r} is not available in train.py (flash_no_flash needs two images)")
+
+    def hole_box(self, height: int, width: int) -> tuple[int, int, int, int] | None:
+        """(top, bottom, left, right) of the generated inpainting hole, None for other masks."""
+        from genprior.degradations import CenterSquareMask, center_hole_box
+
+        s = self.settings
+        if s.task != "inpainting" or s.mask_shape == "file":
+            return None
+        if s.mask_shape == "dgp_center_hole":
+            return center_hole_box(height, width)
+        if s.mask_shape == "center_square":
+            return CenterSquareMask(int(s.hole_size)).metric_box(height, width)
+        raise ValueError(f"dip.mask_shape must be file, dgp_center_hole or center_square, "
+                         f"got {s.mask_shape!r}")
 
     def prepare(self, batch: list[ImageItem]) -> DIPFit:
         obs, masks, cleans, shown = [], [], [], []
@@ -184,7 +222,9 @@ class DIPRunner:
         clean = torch.stack(cleans).to(self.device) if cleans[0] is not None else None
         seed = int(self.cfg.seed)
         dip = DIPMethod(self.settings, None, observation, mask=mask, clean=clean, seed=seed).to(self.device)
-        return DIPFit(dip, [item.id for item in batch], torch.stack(shown).to(self.device))
+        return DIPFit(dip, [item.id for item in batch], torch.stack(shown).to(self.device),
+                      hole_box=self.hole_box(*observation.shape[-2:]),
+                      ssim_data_range=float(self.settings.ssim_data_range))
 
     def run(self, items: list[ImageItem], out: Path) -> list[dict[str, Any]]:
         return run_batches(self.cfg, items, out, self.prepare)

@@ -55,6 +55,8 @@ IMPLEMENTED_ROWS = {
     "mganprior_fig11_inpainting_l2": "Fig. 11 inpainting layer 2",
     "mganprior_fig11_inpainting_l4": "Fig. 11 inpainting layer 4",
     "mganprior_fig11_inpainting_l8": "Fig. 11 inpainting layer 8",
+    "mganprior_t2_dip_bedroom": "Table 2 DIP bedroom",
+    "mganprior_t2_dip_church": "Table 2 DIP church",
     "mganprior_t3_dip": "Table 3 DIP",
     "mganprior_t4_dip_centre": "Table 4 DIP, centre",
     "mganprior_t4_dip_random": "Table 4 DIP, random",

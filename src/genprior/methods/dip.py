@@ -64,6 +64,9 @@ TASKS = (
     "inpainting",  # observation ⊙ mask (SPEC §8.4)
     "restoration",  # inpainting from a random fraction of pixels, with backtracking (SPEC §8.5)
     "flash_no_flash",  # z = the flash image, observation = the no-flash image (SPEC §8.6)
+    # Not in the DIP paper: observation = gray image (mGANprior's luma weights, 3 channels), forward
+    # model the same gray; for the DIP row of mGANprior's colorization table.
+    "colorization",
 )
 _MASKED_TASKS = ("inpainting", "restoration")
 
@@ -557,6 +560,11 @@ class DIPMethod(nn.Module):
         """The task's forward model A(x) used by the loss."""
         if self.downsampler is not None:
             return self.downsampler(x)
+        if self.task == "colorization":
+            from genprior.degradations import MGANPRIOR_GRAY_WEIGHTS
+
+            wr, wg, wb = MGANPRIOR_GRAY_WEIGHTS
+            return (wr * x[:, 0:1] + wg * x[:, 1:2] + wb * x[:, 2:3]).expand_as(x)
         if self.mask is not None:
             return x * self.mask
         return x

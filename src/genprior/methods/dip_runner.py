@@ -96,7 +96,13 @@ class DIPFit:
     def final_output(self) -> Tensor:
         out, ema = self.dip.result()
         self.last_output = out.detach()
-        return (ema if ema is not None else out).detach()
+        final = (ema if ema is not None else out).detach()
+        if self.dip.task == "colorization" and self.dip.clean is not None:
+            # As mGANprior's colorization result: the target's Y with the output's CbCr.
+            from genprior.methods.mganprior import ycbcr_recombine
+
+            final = ycbcr_recombine(final.clamp(0, 1), self.dip.clean)
+        return final
 
     @staticmethod
     def display(x: Tensor) -> Tensor:
@@ -172,6 +178,11 @@ class DIPRunner:
             return lr, None, hr, shown
         if task == "jpeg_artifacts":
             return clean, None, None, clean
+        if task == "colorization":
+            from genprior.degradations import MGANPRIOR_GRAY_WEIGHTS, Gray
+
+            gray = Gray(MGANPRIOR_GRAY_WEIGHTS, value_range=(0.0, 1.0)).apply(clean[None])[0]
+            return gray, None, clean, gray
         if task in ("inpainting", "restoration"):
             if task == "restoration":
                 gen = image_generator(int(self.cfg.seed), item.id)

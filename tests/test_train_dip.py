@@ -86,3 +86,23 @@ def test_colorization_fits_the_gray_image_and_keeps_the_targets_luma(tmp_path: P
     assert ((expected - load("result")).abs() <= 3 / 255).float().mean() > 0.99
     luma = np.asarray(Image.open(folder / "target.png").convert("YCbCr"))[..., 0].astype(int)
     assert np.abs(observed[..., 0] - luma).max() <= 2
+
+
+def test_sr_rows_hold_the_bicubic_baseline(tmp_path: Path) -> None:
+    """The DIP paper's SR "bicubic" row: PIL bicubic upsampling of the LR observation."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data as skdata
+    from skimage.metrics import peak_signal_noise_ratio
+
+    out = tmp_path / "sr"
+    args = [*SHORT, "task=dip_sr4", "dip.num_channels_down=[8,8,8,8,8]", "dip.num_channels_up=[8,8,8,8,8]",
+            "dip.num_iter=2", "data.image_size=64", f"output.dir={out}"]
+    assert run_train(args) == 0
+    row = json.loads((out / "astronaut" / "metrics.json").read_text())
+    hr = Image.fromarray(skdata.astronaut()).resize((64, 64), Image.Resampling.LANCZOS)
+    lr = hr.resize((16, 16), Image.Resampling.LANCZOS)
+    bicubic = np.asarray(lr.resize((64, 64), Image.Resampling.BICUBIC))
+    expected = peak_signal_noise_ratio(np.asarray(hr), bicubic, data_range=255)
+    assert abs(row["bicubic_psnr"] - expected) < 1e-3
+    assert row["bicubic_psnr"] > row["observation_psnr"]  # bicubic beats nearest upsampling

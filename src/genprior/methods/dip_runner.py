@@ -143,7 +143,17 @@ class DIPFit:
         obs = self._observation_display
         if clean is None or obs.shape != clean.shape:
             return {}
-        return {"observation_psnr": float(psnr(clean[b : b + 1], obs[b : b + 1])[0])}
+        out = {"observation_psnr": float(psnr(clean[b : b + 1], obs[b : b + 1])[0])}
+        if self.dip.task == "super_resolution":
+            # The DIP paper's "bicubic" row: PIL bicubic upsampling of the LR image (the SR
+            # notebook's baseline); observation_psnr above is the nearest-neighbour one.
+            from genprior.methods.dip import sr_baselines
+
+            lr = self.dip.observation[b].detach().float().cpu().clamp(0, 1)
+            lr_img = Image.fromarray((lr.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+            bicubic = sr_baselines(lr_img, (clean.shape[-1], clean.shape[-2]))["bicubic"]
+            out["bicubic_psnr"] = float(psnr(clean[b : b + 1].cpu(), bicubic[None].to(clean.dtype))[0])
+        return out
 
     def image_info(self, b: int) -> dict[str, Any]:
         return {"fell_back_steps": None}

@@ -166,6 +166,22 @@ class WandbReport:
         self.run.finish()
         self.run = None
 
+    @rank_zero_only
+    def log_table(self, key: str, columns: list[str], data: list[list[Any]],
+                  summary: dict[str, Any] | None = None) -> None:
+        """One more table (and summary values) on the run, e.g. task=defense's accuracy table;
+        call before ``finish``."""
+        if self.run is None:
+            return
+        import wandb
+
+        self.run.log({key: wandb.Table(columns=columns, data=data)})
+        if summary:
+            self.run.summary.update(summary)
+        self.mirror.setdefault("tables", {})[key] = {"columns": columns, "rows": data,
+                                                     "summary": summary or {}}
+        self._write_mirror()
+
     def _thumbnail(self, path: Path) -> Any:
         if not path.is_file():
             return None

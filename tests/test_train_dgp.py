@@ -103,3 +103,23 @@ def test_bad_inputs_fail_alone_and_the_rest_finish(tmp_path: Path) -> None:
     assert "corrupt" in by_path["corrupt.jpg"]
     assert "5000" in by_path["good_class.png"] and "outside" in by_path["good_class.png"]
     assert status
+
+
+def test_prior_and_carried_optimizer_go_back_to_the_device_after_a_fit(monkeypatch) -> None:
+    """Lightning's teardown moves the module to the CPU after every fit; on a GPU the prior and
+    a carried Adam state must return to the device before the next batch (restore_device)."""
+    import genprior.factory
+    from genprior.train import restore_device
+
+    module = torch.nn.Module()
+    module.prior = torch.nn.Linear(3, 2)
+    module.optimizer = torch.optim.Adam(module.prior.parameters())
+    module.prior(torch.ones(1, 3)).sum().backward()
+    module.optimizer.step()
+    monkeypatch.setattr(genprior.factory, "pick_device", lambda cfg: torch.device("meta"))
+    restore_device(None, module)
+    assert module.prior.weight.device.type == "meta"
+    states = list(module.optimizer.state.values())
+    assert states and all(s["exp_avg"].device.type == "meta" for s in states)
+    monkeypatch.setattr(genprior.factory, "pick_device", lambda cfg: torch.device("cpu"))
+    restore_device(None, torch.nn.Linear(1, 1))  # on the CPU there is nothing to undo

@@ -31,6 +31,9 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 # The DIP loop's settings live with the loop (docs/dip.md); the schema reuses the dataclass.
 from genprior.methods.dip import DIPSettings
 
+# The batched engine's speed options live with their implementation (docs/performance.md).
+from genprior.perf import PerfConfig
+
 GROUPS = ("experiment", "prior", "task", "data", "trainer", "logger")
 # `python train.py` with no preset runs the embedded default: DIP denoising sized for a CPU.
 DEFAULT_PRESETS = {"prior": "dip_skip", "task": "dip_denoising_quick"}
@@ -184,7 +187,9 @@ class TrainerConfig:
     num_nodes: int = 1
     strategy: str = "auto"
     precision: str = "32-true"
-    batch_size: int = 1  # B: images fitted at once, each with its own parameters
+    # B: images fitted at once, each with its own parameters; an int, or "auto" (GPU: from the
+    # free memory; CPU: 1), see genprior.perf.resolve_batch_size
+    batch_size: Any = "auto"
     deterministic: bool = False
     enable_progress_bar: bool = True
 
@@ -295,6 +300,9 @@ class DefenseConfig:
     labels: str = "data"
     # purifier: prior (the configured prior's fit, identity degradation) | identity (no defense)
     purifier: str = "prior"
+    # The class a class-conditional prior (BigGAN) reconstructs with: select (chosen by select_z
+    # from the image, nothing leaks) | label (the true class, as the reference's list files do)
+    purifier_class: str = "select"
     attacks: list[AttackConfig] = field(default_factory=lambda: [
         AttackConfig(name="fgsm", eps=4 / 255),
         AttackConfig(name="pgd", eps=4 / 255, steps=10),
@@ -319,6 +327,7 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     dgp: DGPConfig = field(default_factory=DGPConfig)
     dip: DIPSettings = field(default_factory=DIPSettings)
+    perf: PerfConfig = field(default_factory=PerfConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -528,6 +537,7 @@ def compose_parsed(parsed: ParsedArgs) -> DictConfig:
         cfg = _merge(cfg, dot, f"override {key}=...")
     cfg.presets = {g: n for g, n in groups.items()}
     _check_lists(cfg)
+    _check_execution(cfg)
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
@@ -552,6 +562,17 @@ def _check_lists(cfg: DictConfig) -> None:
             )
     if cfg.dgp.save_interval is not None and len(cfg.dgp.save_interval) != n:
         raise ConfigError(f"dgp.save_interval needs one entry per stage ({n})")
+
+
+def _check_execution(cfg: DictConfig) -> None:
+    """trainer.batch_size is an int or "auto" (typed Any, so checked here); perf.autocast."""
+    value = cfg.trainer.batch_size
+    if not (value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)):
+        raise ConfigError(f"trainer.batch_size must be a positive integer or 'auto', got {value!r}")
+    from genprior.perf import AUTOCAST_MODES
+
+    if cfg.perf.autocast not in AUTOCAST_MODES:
+        raise ConfigError(f"perf.autocast must be one of {', '.join(AUTOCAST_MODES)}, got {cfg.perf.autocast!r}")
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -52,7 +52,8 @@ log = logging.getLogger("genprior")
 
 # Config sections that decide an image's result: resuming into results made with other values
 # would mix two experiments, so it is refused (docs/evaluation.md, "Resume").
-RESULT_SECTIONS = ("prior", "task", "dgp", "dip", "mganprior", "manipulation", "metrics")
+RESULT_SECTIONS = ("prior", "task", "dgp", "dip", "mganprior", "manipulation", "metrics",
+                   "defense")
 # ... except keys that only change what is displayed or saved along the way.
 DISPLAY_KEYS = frozenset({"dgp.print_interval", "dgp.save_interval", "dip.show_every"})
 
@@ -195,7 +196,7 @@ def build_datamodule(cfg: DictConfig) -> Any:
     spec = OmegaConf.to_container(d.subset, resolve=True)
     subset = {k: v for k, v in spec.items() if v is not None} or None  # type: ignore[union-attr]
     common: dict[str, Any] = {
-        "subset": subset, "batch_size": max(1, int(cfg.trainer.batch_size)),
+        "subset": subset, "batch_size": _fixed_batch_size(cfg),
         "num_workers": int(d.num_workers), "rank": 0, "world_size": 1,
     }
     preprocessing = _preprocessing(cfg)
@@ -249,6 +250,8 @@ def config_fingerprint(cfg: DictConfig) -> dict[str, Any]:
     values = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in RESULT_SECTIONS if k in cfg}
     values["seed"] = int(cfg.seed)
     values["trainer.precision"] = str(cfg.trainer.precision)
+    if "perf" in cfg:  # bf16 autocast changes results beyond rounding (docs/performance.md)
+        values["perf.autocast"] = str(cfg.perf.autocast)
     return {k: v for k, v in _flatten(values).items() if k not in DISPLAY_KEYS}
 
 
@@ -313,8 +316,10 @@ def fit_shard(cfg: DictConfig, source: Any, shard: list[Any], out: Path, path: P
     runner_cfg = cfg.copy()
     runner_cfg.logger.kind = "none"
     runner = build_runner(runner_cfg)
-    B = max(1, int(cfg.trainer.batch_size))
-    loader = DataLoader(records_for(cfg, source, shard), batch_size=B, shuffle=False,
+    records = records_for(cfg, source, shard)
+    B = _shard_batch_size(cfg, runner, records)
+    runner_cfg.trainer.batch_size = B  # resolved once: run_batches must not probe again
+    loader = DataLoader(records, batch_size=B, shuffle=False,
                         num_workers=int(cfg.data.num_workers), collate_fn=_as_list)
     host, pid, done = socket.gethostname(), os.getpid(), 0
     with ResultsWriter(path) as writer:
@@ -339,6 +344,26 @@ def fit_shard(cfg: DictConfig, source: Any, shard: list[Any], out: Path, path: P
                 print(f"genprior evaluate [rank {rank}] {done}/{len(shard)} {row['id']}: "
                       f"{_brief(row)}", flush=True)
             report.progress(results_dir, subset)
+
+
+def _fixed_batch_size(cfg: DictConfig) -> int:
+    value = cfg.trainer.batch_size
+    return 1 if str(value) == "auto" else max(1, int(value))
+
+
+def _shard_batch_size(cfg: DictConfig, runner: Any, records: Any) -> int:
+    """trainer.batch_size for this rank; "auto" (the default) measures the GPU (genprior.perf)."""
+    from genprior.factory import pick_device
+    from genprior.perf import batch_size_for, resolve_batch_size
+    from genprior.train import ImageItem
+
+    device = pick_device(cfg)
+    if str(cfg.trainer.batch_size) != "auto" or device.type != "cuda":
+        return resolve_batch_size(cfg.trainer.batch_size, device, len(records))
+    first = next((r for r in records if not r["error"]), None) if len(records) > 1 else None
+    items = [ImageItem(id=first["id"], path=first["path"], image=first["image"],
+                       class_id=int(first["class"]))] * len(records) if first is not None else []
+    return batch_size_for(cfg, items, getattr(runner, "prepare", None))
 
 
 def _brief(row: dict[str, Any]) -> str:
@@ -377,6 +402,10 @@ def finish(cfg: DictConfig, out: Path, results_dir: Path, subset: list[Any],
             if r.get("status") != "ok":
                 print(f"  {r['id']}: {r.get('error')}")
     print(f"results: {(out / 'results.jsonl').resolve()}\nsummary: {(out / 'summary.md').resolve()}")
+    if str(cfg.task.name) == "defense":  # the robustness report (docs/defense.md)
+        from genprior.defense import write_defense_report
+
+        write_defense_report(cfg, out, rows, report)
     try:
         report.finish(rows, stats, counts, out)
     except Exception as err:  # the results and summary are written; W&B is a copy

@@ -164,8 +164,11 @@ class DGPRunner:
             from genprior.losses import PerceptualLoss
 
             perceptual = PerceptualLoss(d.perceptual_weights).to(self.device)
+        from genprior.perf import perf_settings
+
         self.method = DGP(G, D, settings, degradation, perceptual=perceptual,
-                          metric_task=self.metric_task, ssim_data_range=float(cfg.metrics.ssim_data_range))
+                          metric_task=self.metric_task, ssim_data_range=float(cfg.metrics.ssim_data_range),
+                          perf=perf_settings(cfg))
 
     def prepare(self, batch: list[ImageItem]) -> Any:
         n_classes = int(self.cfg.prior.n_classes)
@@ -196,6 +199,10 @@ class DGPRunner:
 def build_runner(cfg: DictConfig) -> Any:
     from genprior.manipulation import MANIPULATION_TASKS
 
+    if str(cfg.task.name) == "defense":  # attacks, purification by the prior (docs/defense.md)
+        from genprior.defense import DefenseRunner
+
+        return DefenseRunner(cfg)
     if str(cfg.task.name) in MANIPULATION_TASKS:
         from genprior.manipulation import ManipulationRunner
 

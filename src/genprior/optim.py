@@ -66,8 +66,12 @@ class PerImageAdam(StackedOptimizer):
         batch_size: int,
         betas: tuple[float, float] = (0.0, 0.999),
         eps: float = 1e-8,
+        fused: bool = False,
     ) -> None:
         super().__init__(params, batch_size, {"betas": betas, "eps": eps})
+        # fused: the same arithmetic as torch._foreach_* ops over the tensors of a group
+        # (genprior.perf, docs/performance.md); False: one Python loop over the tensors.
+        self.fused = fused
         self.image_steps = torch.zeros(batch_size, dtype=torch.float64)
         # Tensors that torch.optim.Adam would skip on some steps (their .grad is None there,
         # e.g. DGP's conditional-BN linears while instance norm replaces BN) carry a mask key;
@@ -94,6 +98,9 @@ class PerImageAdam(StackedOptimizer):
             mask = self.active & self.masks.get(key, torch.ones_like(self.active))
             counts += mask.to(torch.float64)
             steps[key] = (mask, counts)
+        if self.fused:
+            self._fused_update(steps)
+            return loss
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             eps = group["eps"]
@@ -132,14 +139,70 @@ class PerImageAdam(StackedOptimizer):
                     denom = (exp_avg_sq.sqrt() / bc2_t).add_(eps)
                     p.sub_(step_size_t * (exp_avg / denom))
                 else:
-                    mask = mask_t.view(view)
-                    exp_avg.copy_(torch.where(mask, exp_avg.lerp(grad, 1 - beta1), exp_avg))
-                    new_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
-                    exp_avg_sq.copy_(torch.where(mask, new_sq, exp_avg_sq))
-                    denom = (exp_avg_sq.sqrt() / bc2_t).add_(eps)
-                    update = step_size_t * (exp_avg / denom)
-                    p.sub_(torch.where(mask, update, torch.zeros_like(update)))
+                    _masked_adam(p, state, mask_t.view(view), step_size_t, bc2_t, beta1, beta2, eps)
         return loss
+
+    def _fused_update(self, steps: dict[Any, tuple[Tensor, Tensor]]) -> None:
+        """The loop's update, with one host-to-device copy of every group's per-image step
+        sizes and bias corrections, and ``torch._foreach_*`` ops over the tensors of a group
+        that share a step count. Images outside a mask fall back to the loop's masked update."""
+        segments: list[tuple[dict[str, Any], Any, list[Tensor]]] = []
+        rows: list[Tensor] = []
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            by_key: dict[Any, list[Tensor]] = {}
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_key.setdefault(self._mask_key.get(id(p)), []).append(p)
+            for key, params in by_key.items():
+                mask_cpu, counts = steps[key]
+                if not bool(mask_cpu.any()):
+                    continue
+                safe = counts.clamp(min=1.0)
+                rows += [group["lr"] / (1.0 - beta1**safe), (1.0 - beta2**safe).sqrt()]
+                segments.append((group, key, params))
+        if not segments:
+            return
+        first = segments[0][2][0]
+        # float64 -> the parameters' dtype on the host: the same rounding as the loop's .to()
+        table = torch.stack(rows).to(first.dtype)
+        if first.device.type == "cuda":
+            table = table.pin_memory().to(first.device, non_blocking=True)
+        else:
+            table = table.to(first.device)
+        for index, (group, key, params) in enumerate(segments):
+            beta1, beta2 = group["betas"]
+            eps = group["eps"]
+            step_size, bc2 = table[2 * index], table[2 * index + 1]
+            mask_cpu, counts = steps[key]
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state["step"] = counts
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if not bool(mask_cpu.all()):
+                mask = mask_cpu.to(first.device)
+                for p in params:
+                    view = (self.batch_size,) + (1,) * (p.dim() - 1)
+                    _masked_adam(p, self.state[p], mask.view(view), step_size.view(view), bc2.view(view),
+                                 beta1, beta2, eps)
+                continue
+            for chunk in _chunks(params, _FUSED_CHUNK_ELEMENTS):
+                grads = [p.grad for p in chunk]
+                exp_avgs = [self.state[p]["exp_avg"] for p in chunk]
+                exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in chunk]
+                views = [(self.batch_size,) + (1,) * (p.dim() - 1) for p in chunk]
+                torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+                torch._foreach_mul_(exp_avg_sqs, beta2)
+                torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+                denoms = torch._foreach_sqrt(exp_avg_sqs)
+                torch._foreach_div_(denoms, [bc2.view(v) for v in views])
+                torch._foreach_add_(denoms, eps)
+                updates = torch._foreach_div(exp_avgs, denoms)
+                del denoms
+                torch._foreach_mul_(updates, [step_size.view(v) for v in views])
+                torch._foreach_sub_(chunk, updates)
 
     def reset_state(self) -> None:
         """Forget every moment and step count (a fresh optimizer for a new batch of images)."""
@@ -147,6 +210,34 @@ class PerImageAdam(StackedOptimizer):
         self.image_steps = torch.zeros(self.batch_size, dtype=torch.float64)
         for key in self.masked_steps:
             self.masked_steps[key] = torch.zeros(self.batch_size, dtype=torch.float64)
+
+
+# Temporaries of the fused update are bounded by chunks of this many elements (1 GiB in fp32).
+_FUSED_CHUNK_ELEMENTS = 1 << 28
+
+
+def _chunks(params: list[Tensor], max_elements: int) -> list[list[Tensor]]:
+    chunks: list[list[Tensor]] = [[]]
+    size = 0
+    for p in params:
+        if chunks[-1] and size + p.numel() > max_elements:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(p)
+        size += p.numel()
+    return chunks
+
+
+def _masked_adam(p: Tensor, state: dict[str, Tensor], mask: Tensor, step_size: Tensor, bc2: Tensor,
+                 beta1: float, beta2: float, eps: float) -> None:
+    """The loop's update for images in ``mask`` only (the others keep moments and weights)."""
+    grad, exp_avg, exp_avg_sq = p.grad, state["exp_avg"], state["exp_avg_sq"]
+    exp_avg.copy_(torch.where(mask, exp_avg.lerp(grad, 1 - beta1), exp_avg))
+    new_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+    exp_avg_sq.copy_(torch.where(mask, new_sq, exp_avg_sq))
+    denom = (exp_avg_sq.sqrt() / bc2).add_(eps)
+    update = step_size * (exp_avg / denom)
+    p.sub_(torch.where(mask, update, torch.zeros_like(update)))
 
 
 class PerImageSGD(StackedOptimizer):

@@ -32,6 +32,7 @@ class Reconstruction(L.LightningModule):
         eps: float = 1e-8,
         previous_optimizer: PerImageAdam | None = None,
         nan_check_every: int = 10,
+        fused_optimizer: bool = False,
     ) -> None:
         super().__init__()
         self.method = method
@@ -40,6 +41,7 @@ class Reconstruction(L.LightningModule):
         self.automatic_optimization = False
         self.previous_optimizer = previous_optimizer
         self.nan_check_every = nan_check_every
+        self.fused_optimizer = fused_optimizer  # perf.fused_optimizer (genprior.perf)
         # Filled in by every step for the callbacks (no host sync here).
         self.last_x: Tensor | None = None
         self.last_record: Any = None
@@ -54,7 +56,8 @@ class Reconstruction(L.LightningModule):
         # A method may bring its own per-image optimizer (mGANprior: plain SGD, PerImageSGD).
         make = getattr(self.method, "make_optimizer", None)
         opt = make() if make is not None else PerImageAdam(
-            self.method.param_groups(), batch_size=self.method.batch_size, betas=self.betas, eps=self.eps)
+            self.method.param_groups(), batch_size=self.method.batch_size, betas=self.betas, eps=self.eps,
+            fused=self.fused_optimizer)
         if self.previous_optimizer is not None:
             carry_state(self.previous_optimizer, opt)
         self.optimizer = opt

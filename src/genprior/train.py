@@ -84,7 +84,10 @@ def fit_batch(
     snapshots = StageSnapshots(print_interval=method.print_interval, save_interval=save_interval, out_dir=out)
     outputs = ImageOutputs(out, snapshots, extra_metrics=extra_metrics, labels=labels)
     betas = tuple(method.betas)
-    module = Reconstruction(method, betas=betas, eps=method.eps, previous_optimizer=previous_optimizer)
+    from genprior.perf import perf_settings
+
+    module = Reconstruction(method, betas=betas, eps=method.eps, previous_optimizer=previous_optimizer,
+                            fused_optimizer=perf_settings(cfg).fused_optimizer)
     callbacks = [snapshots, LossLogger(cfg.logger.log_every_n_steps), outputs, *(extra_callbacks or [])]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(StageProgressBar())
@@ -105,7 +108,26 @@ def fit_batch(
         default_root_dir=str(out),
     )
     trainer.fit(module, train_dataloaders=StepLoader(method.total_steps()))
+    restore_device(cfg, module)
     return outputs.results, module.optimizer
+
+
+def restore_device(cfg: DictConfig, module: Any) -> None:
+    """Undo the move to the CPU that Lightning's teardown does at the end of every fit.
+
+    The prior (BigGAN G and D, PGGAN) lives inside the module and serves the next batch, and a
+    carried optimizer (dgp.carry_optimizer_state) keeps its state: both go back to the device.
+    """
+    from lightning.fabric.utilities.optimizer import _optimizers_to_device
+
+    from genprior.factory import pick_device
+
+    device = pick_device(cfg)
+    if device.type == "cpu":
+        return
+    module.to(device)
+    if getattr(module, "optimizer", None) is not None:
+        _optimizers_to_device([module.optimizer], device)
 
 
 def fit_devices(cfg: DictConfig) -> Any:
@@ -199,7 +221,9 @@ def run_batches(
             rows.append(failed_row(item, item.error))
         else:
             usable.append(item)
-    B = max(1, int(cfg.trainer.batch_size))
+    from genprior.perf import batch_size_for
+
+    B = batch_size_for(cfg, usable, prepare)  # trainer.batch_size, "auto" resolved
     loggers = make_loggers(cfg, out) if loggers is None else loggers
     previous_optimizer = None
     extra_metrics = build_extra_metrics(cfg)

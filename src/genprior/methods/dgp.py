@@ -25,7 +25,13 @@ from torch.func import functional_call
 from genprior.degradations import Degradation
 from genprior.methods.base import SettingsAccessors
 from genprior.metrics import IMAGE_KEYS, lab_recombine, psnr, restoration_metrics
-from genprior.priors.biggan import Discriminator, Generator, feature_l1_terms
+from genprior.perf import PerfConfig, autocast, maybe_compile
+from genprior.priors.biggan import (
+    Discriminator,
+    Generator,
+    cache_frozen_spectral_norms,
+    feature_l1_terms,
+)
 from genprior.schedule import Progress, Stage, group_lrs
 
 
@@ -84,8 +90,12 @@ class DGP(SettingsAccessors, nn.Module):
         perceptual: nn.Module | None = None,
         metric_task: str | None = None,
         ssim_data_range: float = 2.0,
+        perf: PerfConfig | None = None,
     ) -> None:
         super().__init__()
+        # Execution options (genprior.perf, docs/performance.md); the defaults keep every
+        # image's result to float rounding of the plain fp32 path.
+        self.perf = perf if perf is not None else PerfConfig()
         self.metric_task = metric_task
         self.ssim_data_range = ssim_data_range
         self.G = G
@@ -99,6 +109,14 @@ class DGP(SettingsAccessors, nn.Module):
             self.D.eval()
             for p in self.D.parameters():
                 p.requires_grad_(False)
+            cache_frozen_spectral_norms(self.D, self.perf.cache_frozen_sn)
+            if self.perf.channels_last:
+                self.D.to(memory_format=torch.channels_last)
+        # G's output layer is shared by all images and never tuned (SPEC §6.2, quirk 1).
+        cache_frozen_spectral_norms(self.G.output_layer, self.perf.cache_frozen_sn)
+        # Kept out of the module tree (a compiled D would otherwise be registered twice).
+        self.__dict__["_d_forward"] = maybe_compile(self.D, self.perf.compile) if self.D is not None else None
+        self._g_call = maybe_compile(_generator_call, self.perf.compile)
         if any(s.w_D_loss > 0 for s in settings.stages) and D is None:
             raise ValueError("the schedule uses the D-feature loss (w_D_loss > 0) but no D is loaded")
         if any(s.w_percep > 0 for s in settings.stages) and perceptual is None:
@@ -131,7 +149,7 @@ class DGP(SettingsAccessors, nn.Module):
         self.ids = list(ids)
         self.target_origin = images
         self.target = self.degradation.target(images, ids=self.ids)
-        self.real_features = self._d_features(self.target) if self.D is not None else None
+        self.real_features = self._d_features(self.target, "none") if self.D is not None else None
         # reset_G: every image starts from the pretrained weights (stacked copies).
         self.G.load_state_dict(self.G_weight, strict=False)
         self.G.reset_in_init()
@@ -211,11 +229,20 @@ class DGP(SettingsAccessors, nn.Module):
     def render(self, z: Tensor, y: Tensor, use_in: Tensor | bool = False) -> Tensor:
         """G(z, shared(y)) with every image's own fine-tuned tensors."""
         tensors = {**self.trainable, **self.in_state}
-        return functional_call(self.G, tensors, (z, self.embed(y)), {"use_in": use_in})
+        with autocast(z.device, self.perf.autocast):
+            x = self._g_call(self.G, tensors, z, self.embed(y), use_in)
+        return x.float()
 
-    def _d_features(self, x: Tensor) -> list[Tensor]:
-        assert self.D is not None
-        return self.D(x)[1]
+    def _d_features(self, x: Tensor, precision: str | None = None) -> list[Tensor]:
+        """D's features of x; ``precision`` "none" forces fp32 (the target's features and
+        select_z's ranking of candidates are computed once and must not move with autocast)."""
+        assert self._d_forward is not None
+        if self.perf.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(x.device, self.perf.autocast if precision is None else precision):
+            features = self._d_forward(x)[1]
+        # The L1 terms are means over whole feature maps: reduce them in fp32.
+        return [f.float() for f in features]
 
     def loss(self) -> tuple[Tensor, StepRecord, Tensor]:
         """One iteration's forward pass: returns the summed loss, the per-image record, x."""
@@ -223,6 +250,8 @@ class DGP(SettingsAccessors, nn.Module):
         device = self.z.device
         active = self.progress.active()
         stages = [self.progress.current(b) for b in range(B)]
+        if self.perf.sync_free:
+            return self._loss_sync_free(active, stages)
         use_in = torch.tensor([s.use_in for s in stages], device=device)
         x = self.render(self.z, self.y, use_in if B > 1 else bool(use_in[0]))
         x_map = self.degradation.apply(x, ids=self.ids)
@@ -252,6 +281,52 @@ class DGP(SettingsAccessors, nn.Module):
         )
         # The reference saves the x of the last forward, before the last update (quirk 5).
         keep_x = active.to(device).view(B, 1, 1, 1)
+        self.last_x = torch.where(keep_x, x.detach(), self.last_x)
+        self.last_record = record
+        return total, record, x.detach()
+
+    def _loss_sync_free(self, active: Tensor, stages: list[Stage]) -> tuple[Tensor, StepRecord, Tensor]:
+        """:meth:`loss` with every per-image schedule value decided on the host and moved to
+        the device in one non-blocking copy, so the step never waits for the device (a
+        blocking host-to-device copy or a ``bool(device tensor)`` drains the CUDA queue).
+        The arithmetic is :meth:`loss`'s, operation for operation."""
+        B = self.batch_size
+        device = self.z.device
+        host = torch.tensor([
+            [float(s.ftr_num) for s in stages],
+            [s.w_D_loss for s in stages],
+            [s.w_mse for s in stages],
+            [s.w_percep for s in stages],
+            [float(a) for a in active.tolist()],
+        ], dtype=torch.float32)
+        rows = _to_device(host, device)
+        ftr_num, w_D, w_mse, w_percep, active_f = rows.unbind(0)
+        flags = [s.use_in for s in stages]
+        # One flag for the whole batch when every image agrees: GBlock then needs no mask.
+        use_in: Tensor | bool = flags[0] if len(set(flags)) == 1 else _to_device(torch.tensor(flags), device)
+        x = self.render(self.z, self.y, use_in)
+        x_map = self.degradation.apply(x, ids=self.ids)
+        diff = x_map - self.target
+        mse = diff.pow(2).flatten(1).mean(1)
+        l1 = diff.abs().flatten(1).mean(1)
+        nll = self.z.pow(2).div(2).mean(1)
+        zeros = torch.zeros(B, device=device)
+        if self.D is not None:
+            terms = feature_l1_terms(self._d_features(x_map), self.real_features)
+            keep = torch.arange(terms.shape[1], device=device)[None, :] < ftr_num[:, None]
+            ftr = (terms * keep).sum(1)
+        else:
+            ftr = zeros
+        percep = zeros
+        if self.perceptual is not None and any(s.w_percep > 0 for s in stages):
+            percep = self.perceptual(x_map, self.target)
+        per_image = w_D * ftr + w_mse * mse + self.settings.w_nll * nll + w_percep * percep
+        total = (per_image * active_f).sum()
+        record = StepRecord(
+            ftr_loss=ftr.detach(), mse_raw=mse.detach(), l1_raw=l1.detach(), nll=nll.detach(),
+            percep=percep.detach(), total=per_image.detach(), active=active,
+        )
+        keep_x = active_f.bool().view(B, 1, 1, 1)
         self.last_x = torch.where(keep_x, x.detach(), self.last_x)
         self.last_record = record
         return total, record, x.detach()
@@ -312,7 +387,7 @@ class DGP(SettingsAccessors, nn.Module):
             zc, yc = z[start : start + self.settings.select_chunk], y[start : start + self.settings.select_chunk]
             x = self.G(zc, self.G.shared(yc), use_in=False)
             x = self.degradation.target(x, ids=[self.ids[b]] * x.shape[0])
-            terms = feature_l1_terms(self._d_features(x), [r.expand(x.shape[0], *r.shape[1:]) for r in real])
+            terms = feature_l1_terms(self._d_features(x, "none"), [r.expand(x.shape[0], *r.shape[1:]) for r in real])
             losses.append(terms[:, :3].sum(1))
         self.G.reset_in_init()
         return torch.cat(losses)
@@ -380,6 +455,18 @@ class DGP(SettingsAccessors, nn.Module):
             "class": int(self.y[b]),
             "stopped_early_in_stages": [s + 1 for s in self.progress.stopped_early[b]],
         }
+
+
+def _generator_call(G: Generator, tensors: dict[str, Tensor], z: Tensor, e: Tensor,
+                    use_in: Tensor | bool) -> Tensor:
+    return functional_call(G, tensors, (z, e), {"use_in": use_in})
+
+
+def _to_device(host: Tensor, device: torch.device) -> Tensor:
+    """A small host tensor on ``device`` without a blocking copy (pinned, non_blocking)."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _is_in_param(name: str) -> bool:

@@ -1,0 +1,184 @@
+"""Speed options of the batched engine, and the automatic batch size (issue 8).
+
+Every option is a switch with a plain fallback, and every option that is on by default keeps
+each image's result within float rounding of the plain fp32 path (tests/test_performance.py):
+
+| option | default | what it does |
+|---|---|---|
+| ``autocast`` | ``none`` | ``bf16``: G and D forward passes under ``torch.autocast`` in bfloat16; spectral norms, the degradation and the losses stay fp32 |
+| ``compile`` | false | ``torch.compile`` of the discriminator forward and of DGP's per-image generator call |
+| ``channels_last`` | false | D's weights and inputs in channels-last memory order (faster convolutions on GPUs and oneDNN) |
+| ``fused_optimizer`` | true | PerImageAdam with ``torch._foreach_*`` ops over each group's stacked tensors and one host-to-device copy of the per-image rates per step, instead of a Python loop of per-tensor ops; the arithmetic is the loop's, element for element |
+| ``cache_frozen_sn`` | true | the frozen discriminator (and G's never-tuned output layer) keep W / sigma(W) between steps instead of recomputing one power iteration per forward: eval mode never moves u0, so the value is the same tensor |
+| ``sync_free`` | true | the step's per-image schedule values (use_in, ftr_num, loss weights) are decided on the host, so a step never waits for the device; losses stay on the device and are read only on logged steps |
+
+``trainer.batch_size=auto`` (the default) picks B: on a GPU from the free memory and the measured
+peak of a B = 1 and a B = 2 step (:func:`auto_batch_size`), on the CPU :data:`CPU_AUTO_BATCH`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger("genprior")
+
+# On the CPU "auto" is one image at a time: at production widths a CPU step is compute-bound
+# (docs/benchmarks.md: the same time per image at B = 1 and B = 8), and B = 1 keeps every
+# image's result independent of how a run is sharded (tests/test_evaluate.py compares a 1- and
+# a 2-process evaluation bit for bit). Small models do gain from batching on a CPU
+# (docs/performance.md): set trainer.batch_size explicitly there.
+CPU_AUTO_BATCH = 1
+AUTO_BATCH_CAP = 64  # beyond this a GPU is saturated at BigGAN-128 and only latency grows
+AUTO_BATCH_MARGIN = 0.85  # fraction of the free memory the extrapolated peak may use
+
+
+@dataclass
+class PerfConfig:
+    """``perf.*``: execution options of the batched engine (module docstring)."""
+
+    autocast: str = "none"  # none | bf16
+    compile: bool = False
+    channels_last: bool = False
+    fused_optimizer: bool = True
+    cache_frozen_sn: bool = True
+    sync_free: bool = True
+
+
+AUTOCAST_MODES = ("none", "bf16")
+
+
+def check(perf: Any) -> None:
+    if str(perf.autocast) not in AUTOCAST_MODES:
+        raise ValueError(f"perf.autocast must be one of {', '.join(AUTOCAST_MODES)}, got {perf.autocast!r}")
+
+
+def perf_settings(cfg: Any) -> PerfConfig:
+    """The ``perf`` section of a composed config as a PerfConfig (defaults when absent)."""
+    section = cfg.get("perf") if hasattr(cfg, "get") else None
+    if section is None:
+        return PerfConfig()
+    values = {k: section[k] for k in PerfConfig.__dataclass_fields__ if k in section}
+    perf = PerfConfig(**values)
+    check(perf)
+    return perf
+
+
+def autocast(device: torch.device, mode: str) -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast`` in bfloat16 for ``mode == "bf16"``, else a no-op context."""
+    if mode == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def full_precision() -> Iterator[None]:
+    """Leave any autocast region: for the spectral norms and reductions that must stay fp32."""
+    active = [d for d in ("cuda", "cpu") if torch.is_autocast_enabled(d)]
+    if not active:
+        yield
+        return
+    with torch.autocast(device_type=active[0], enabled=False):
+        yield
+
+
+def maybe_compile(fn: Callable[..., Any], enabled: bool) -> Callable[..., Any]:
+    """``torch.compile(fn)`` when asked and available; otherwise ``fn`` itself."""
+    if not enabled:
+        return fn
+    if not hasattr(torch, "compile"):  # pragma: no cover - torch < 2
+        log.warning("perf.compile=true needs torch >= 2; running eagerly")
+        return fn
+    return torch.compile(fn, dynamic=False)
+
+
+# ---------------------------------------------------------------------- automatic batch size
+def auto_batch_size(
+    peak_bytes: Callable[[int], int],
+    free_bytes: int,
+    n_items: int,
+    cap: int = AUTO_BATCH_CAP,
+    margin: float = AUTO_BATCH_MARGIN,
+) -> int:
+    """The largest B whose extrapolated peak memory fits in ``margin * free_bytes``.
+
+    ``peak_bytes(B)`` measures the peak memory of one optimisation step of B images (from a
+    clean start). The peak is linear in B (the shared G, D and framework, plus per-image
+    tensors, gradients, Adam moments and activations), so two probes give both terms.
+    """
+    if n_items <= 1:
+        return 1
+    one, two = peak_bytes(1), peak_bytes(2)
+    per_image = max(two - one, 1)
+    shared = max(one - per_image, 0)
+    fits = int((margin * free_bytes - shared) // per_image)
+    chosen = max(1, min(fits, cap, n_items))
+    log.info("trainer.batch_size=auto: %.2f GiB shared + %.2f GiB per image, %.1f GiB free -> B = %d",
+             shared / 2**30, per_image / 2**30, free_bytes / 2**30, chosen)
+    return chosen
+
+
+def resolve_batch_size(value: Any, device: torch.device, n_items: int,
+                       probe: Callable[[int], int] | None = None) -> int:
+    """``trainer.batch_size``: a positive int, or "auto" (GPU: measured; CPU: CPU_AUTO_BATCH)."""
+    if str(value) != "auto":
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"trainer.batch_size must be a positive integer or 'auto', got {value!r}") from None
+        return max(1, number)
+    if device.type != "cuda" or probe is None:
+        return max(1, min(CPU_AUTO_BATCH, max(n_items, 1)))
+    free, _ = torch.cuda.mem_get_info(device)
+    return auto_batch_size(probe, free, n_items)
+
+
+def probe_step_memory(prepare: Callable[[list[Any]], Any], items: list[Any], device: torch.device) -> Callable[[int], int]:
+    """``peak_bytes(B)``: the CUDA peak of one optimisation step of the first item repeated B
+    times, through the method's own optimizer (what ``Reconstruction.training_step`` runs)."""
+    from genprior.optim import PerImageAdam
+
+    def peak_bytes(batch: int) -> int:
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        method = prepare([items[0]] * batch)
+        make = getattr(method, "make_optimizer", None)
+        opt = make() if make is not None else PerImageAdam(
+            method.param_groups(), batch_size=method.batch_size, betas=tuple(method.betas), eps=method.eps)
+        opt.set_lrs(method.step_lrs())
+        if hasattr(method, "step_masks"):
+            opt.masks = method.step_masks()
+        for _ in range(2):  # the second step holds the Adam state and the gradients together
+            opt.zero_grad(set_to_none=True)
+            loss, _, _ = method.loss()
+            loss.backward()
+            opt.step()
+        torch.cuda.synchronize(device)
+        peak = int(torch.cuda.max_memory_allocated(device))
+        del method, opt, loss
+        torch.cuda.empty_cache()
+        return peak
+
+    return peak_bytes
+
+
+def batch_size_for(cfg: Any, items: list[Any], prepare: Callable[[list[Any]], Any] | None) -> int:
+    """B for a run over ``items`` (train.py, evaluate.py): ``trainer.batch_size`` resolved.
+
+    "auto" on a GPU probes two short steps of the first image through ``prepare`` (a runner's
+    method factory); without a factory it falls back to CPU_AUTO_BATCH.
+    """
+    from genprior.factory import pick_device
+
+    device = pick_device(cfg)
+    value = cfg.trainer.batch_size
+    probe = None
+    if str(value) == "auto" and device.type == "cuda" and prepare is not None and len(items) > 1:
+        probe = probe_step_memory(prepare, items, device)
+    return resolve_batch_size(value, device, len(items), probe)

@@ -1,0 +1,241 @@
+"""Quality guard of the speed options (issue 8, docs/performance.md) on a tiny BigGAN on CPU.
+
+Every option that is on by default must keep each image's result within float rounding of the
+plain fp32 path; the opt-in options (bf16 autocast, channels_last, torch.compile) within the
+stated tolerances. Speed itself is measured by benchmarks/dgp_throughput.py, never here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from genprior.config import ConfigError, compose
+from genprior.degradations import build_degradation
+from genprior.methods.dgp import DGP, DGPSettings
+from genprior.metrics import restoration_metrics
+from genprior.optim import PerImageAdam
+from genprior.perf import CPU_AUTO_BATCH, PerfConfig, auto_batch_size, resolve_batch_size
+from genprior.priors.biggan import (
+    Discriminator,
+    Generator,
+    _SpectralNorm,
+    cache_frozen_spectral_norms,
+    orthogonal_init_,
+)
+from genprior.schedule import Stage
+
+# Every switch off: the plain fp32 path the options are measured against.
+PLAIN = PerfConfig(autocast="none", compile=False, channels_last=False, fused_optimizer=False,
+                   cache_frozen_sn=False, sync_free=False)
+# Final images of the default options against PLAIN after STEPS steps. The options themselves
+# are exact (test_each_default_option_alone_matches_the_plain_path); the CPU gemv spectral norm
+# sums in another order than the batched matmul, and DGP's Adam (beta1 = 0) amplifies that
+# 1e-7 rounding over the fit (docs/reconstruction.md): measured 4.2e-4, PSNR 4e-4 dB.
+DEFAULT_ATOL = 2e-3
+DEFAULT_PSNR_DB = 1e-2
+# bf16 autocast: the forward passes round to 8 mantissa bits; after a short fit the final
+# PSNR of every image stays within this of the fp32 path (measured: 0.06 dB), the first
+# step's loss within 1e-2 relative (4.6e-4) and the last one's within 0.1 (0.066).
+BF16_PSNR_DB = 0.1
+STEPS = 6
+
+
+def _tiny() -> tuple[Generator, Discriminator]:
+    torch.manual_seed(0)
+    G = orthogonal_init_(Generator(resolution=128, G_ch=8)).eval()
+    D = orthogonal_init_(Discriminator(resolution=128, D_ch=8)).eval()
+    return G, D
+
+
+def _stages() -> list[Stage]:
+    # colorization's shape: D-feature loss, progressive ft_num and lr_ratio, two stages
+    return [Stage(iterations=STEPS // 2, G_lr=5e-5 * 20, z_lr=2e-3 * 5, ftr_num=7, ft_num=2 + s,
+                  lr_ratio=0.7, w_D_loss=1.0, w_mse=0.0, w_percep=0.0, use_in=False) for s in range(2)]
+
+
+def _fit(perf: PerfConfig, B: int = 2, gemv: bool = True) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """(final images, final PSNR per image, per-step totals) of a B-image colorization fit."""
+    G, D = _tiny()
+    torch.manual_seed(1)
+    images = torch.rand(B, 3, 128, 128) * 2 - 1
+    z0 = torch.randn(B, G.dim_z) * 0.5
+    method = DGP(G, D, DGPSettings(stages=_stages(), select_num=0), build_degradation("colorization", 128),
+                 metric_task="colorization", perf=perf)
+    method.start(images, torch.tensor([3, 7, 11, 13][:B]), [str(b) for b in range(B)],
+                 [torch.Generator().manual_seed(b) for b in range(B)], initial_z=z0)
+    opt = PerImageAdam(method.param_groups(), batch_size=B, fused=perf.fused_optimizer)
+    totals = []
+    old = _SpectralNorm.cpu_gemv
+    _SpectralNorm.cpu_gemv = gemv
+    try:
+        while not method.progress.all_done():
+            opt.active = method.progress.active()
+            opt.set_lrs(method.step_lrs())
+            opt.masks = method.step_masks()
+            opt.zero_grad(set_to_none=True)
+            loss, record, _ = method.loss()
+            loss.backward()
+            opt.step()
+            method.end_step(record)
+            totals.append(record.total.clone())
+    finally:
+        _SpectralNorm.cpu_gemv = old
+    x = method.final_output()
+    psnr = restoration_metrics(x, images, "colorization")["psnr"]
+    return x, psnr, totals
+
+
+@pytest.fixture(scope="module")
+def plain() -> tuple[torch.Tensor, torch.Tensor, list]:
+    return _fit(PLAIN, gemv=False)
+
+
+def test_default_options_keep_every_image_to_rounding(plain) -> None:
+    x0, psnr0, totals0 = plain
+    x, psnr, totals = _fit(PerfConfig())
+    assert PerfConfig().autocast == "none" and not PerfConfig().compile  # opt-in only
+    torch.testing.assert_close(x, x0, rtol=0, atol=DEFAULT_ATOL)
+    torch.testing.assert_close(psnr, psnr0, rtol=0, atol=DEFAULT_PSNR_DB)
+    for t, t0 in zip(totals, totals0):
+        torch.testing.assert_close(t, t0, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("option", ["fused_optimizer", "cache_frozen_sn", "sync_free"])
+def test_each_default_option_alone_matches_the_plain_path(plain, option: str) -> None:
+    x0, _, totals0 = plain
+    x, _, totals = _fit(dataclasses.replace(PLAIN, **{option: True}), gemv=False)
+    # These change no arithmetic at all: bit for bit.
+    assert torch.equal(x, x0), option
+    assert all(torch.equal(t, t0) for t, t0 in zip(totals, totals0)), option
+
+
+def test_cpu_gemv_spectral_norm_is_rounding_only(plain) -> None:
+    x0, psnr0, _ = plain
+    x, psnr, _ = _fit(PLAIN, gemv=True)
+    torch.testing.assert_close(x, x0, rtol=0, atol=DEFAULT_ATOL)
+    torch.testing.assert_close(psnr, psnr0, rtol=0, atol=DEFAULT_PSNR_DB)
+
+
+def test_bf16_autocast_keeps_psnr_within_tolerance(plain) -> None:
+    _, psnr0, totals0 = plain
+    x, psnr, totals = _fit(dataclasses.replace(PerfConfig(), autocast="bf16"))
+    assert x.dtype == torch.float32
+    assert (psnr - psnr0).abs().max() < BF16_PSNR_DB, (psnr, psnr0)
+    torch.testing.assert_close(totals[0], totals0[0], rtol=1e-2, atol=0)
+    torch.testing.assert_close(totals[-1], totals0[-1], rtol=0.1, atol=0)
+
+
+def test_channels_last_keeps_results(plain) -> None:
+    x0, psnr0, _ = plain
+    x, psnr, _ = _fit(dataclasses.replace(PerfConfig(), channels_last=True))
+    torch.testing.assert_close(x, x0, rtol=0, atol=DEFAULT_ATOL)
+    torch.testing.assert_close(psnr, psnr0, rtol=0, atol=DEFAULT_PSNR_DB)
+
+
+@pytest.mark.slow
+def test_torch_compile_keeps_results(plain) -> None:
+    x0, psnr0, _ = plain
+    x, psnr, _ = _fit(dataclasses.replace(PerfConfig(), compile=True))
+    torch.testing.assert_close(x, x0, rtol=0, atol=DEFAULT_ATOL)
+    torch.testing.assert_close(psnr, psnr0, rtol=0, atol=DEFAULT_PSNR_DB)
+
+
+# ------------------------------------------------------------------------------ optimizer
+def test_fused_adam_equals_the_loop_with_masks_and_frozen_images() -> None:
+    torch.manual_seed(0)
+    B = 3
+    shapes = [(B, 4, 5), (B, 7), (B, 2, 3, 3, 3), (B, 6)]
+    start = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(6)]
+
+    def run(fused: bool) -> tuple[list[torch.Tensor], PerImageAdam]:
+        params = [p.clone().requires_grad_(True) for p in start]
+        opt = PerImageAdam([
+            {"name": "a", "params": params[:2], "lr": 0.0, "mask_keys": [None, "uses_bn"]},
+            {"name": "b", "params": params[2:], "lr": 0.0},
+        ], batch_size=B, fused=fused)
+        for t, step_grads in enumerate(grads):
+            opt.set_lrs({"a": torch.tensor([1e-2, 0.0, 3e-3], dtype=torch.float64) * (t + 1),
+                         "b": torch.tensor([2e-3, 5e-3, 1e-3], dtype=torch.float64)})
+            opt.masks = {"uses_bn": torch.tensor([True, t % 2 == 0, False])}
+            opt.active = torch.tensor([True, True, t < 4])  # image 2 finishes after 4 steps
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opt.step()
+        return [p.detach() for p in params], opt
+
+    loop, opt_loop = run(False)
+    fused, opt_fused = run(True)
+    for a, b in zip(loop, fused):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    for p_loop, p_fused in zip(opt_loop.state, opt_fused.state):
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt_fused.state[p_fused][key], opt_loop.state[p_loop][key], rtol=0, atol=1e-6)
+    torch.testing.assert_close(opt_fused.image_steps, opt_loop.image_steps)
+
+
+# ------------------------------------------------------------------- cached spectral norms
+def test_cached_spectral_norm_is_exact_and_follows_weight_changes() -> None:
+    _, D = _tiny()
+    x = torch.rand(2, 3, 128, 128) * 2 - 1
+    for p in D.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        plain = D(x)[0]
+        cache_frozen_spectral_norms(D)
+        first, again = D(x)[0], D(x)[0]
+        assert torch.equal(first, plain) and torch.equal(again, plain)
+        D.linear.weight.mul_(2.0)  # an in-place change (as load_state_dict makes) invalidates it
+        changed = D(x)[0]
+        cache_frozen_spectral_norms(D, enabled=False)
+        assert torch.equal(changed, D(x)[0])
+
+
+# ---------------------------------------------------------------------- batch size
+def test_batch_size_defaults_to_auto_and_resolves_on_cpu() -> None:
+    cfg = compose(["prior=biggan_tiny", "task=colorization"])
+    assert cfg.trainer.batch_size == "auto"
+    assert resolve_batch_size("auto", torch.device("cpu"), 10) == CPU_AUTO_BATCH
+    assert resolve_batch_size(8, torch.device("cpu"), 10) == 8
+    assert compose(["trainer.batch_size=4"]).trainer.batch_size == 4
+    with pytest.raises(ConfigError, match=r"trainer\.batch_size"):
+        compose(["trainer.batch_size=0"])
+    with pytest.raises(ConfigError, match=r"perf\.autocast"):
+        compose(["perf.autocast=fp16"])
+
+
+def test_auto_batch_size_extrapolates_two_probes_into_free_memory() -> None:
+    gib = 2**30
+    peaks = {1: 5 * gib, 2: 6 * gib}  # 4 GiB shared + 1 GiB per image
+    assert auto_batch_size(peaks.__getitem__, 40 * gib, n_items=1000) == 30  # (0.85*40 - 4) / 1
+    assert auto_batch_size(peaks.__getitem__, 40 * gib, n_items=12) == 12  # no more than the images
+    assert auto_batch_size(peaks.__getitem__, 400 * gib, n_items=1000) == 64  # the cap
+    assert auto_batch_size(peaks.__getitem__, 4 * gib, n_items=1000) == 1  # never below one
+    assert auto_batch_size(lambda b: 1 / 0, 40 * gib, n_items=1) == 1  # one image: no probe
+
+
+def test_auto_on_cuda_reads_free_memory_and_probes(monkeypatch) -> None:
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20 * gib, 80 * gib))
+    seen = []
+
+    def probe(batch: int) -> int:
+        seen.append(batch)
+        return (2 + batch) * gib
+
+    assert resolve_batch_size("auto", torch.device("cuda"), 100, probe) == 15  # (17 - 2) / 1
+    assert seen == [1, 2]
+
+
+def test_evaluate_uses_the_configured_or_automatic_batch_size() -> None:
+    from genprior.evaluate import _shard_batch_size
+
+    records = [{"id": str(i), "path": "", "image": None, "class": 0, "error": ""} for i in range(5)]
+    auto = compose(["prior=biggan_tiny", "task=colorization", "trainer.accelerator=cpu"])
+    assert _shard_batch_size(auto, None, records) == CPU_AUTO_BATCH
+    fixed = compose(["prior=biggan_tiny", "task=colorization", "trainer.accelerator=cpu",
+                     "trainer.batch_size=3"])
+    assert _shard_batch_size(fixed, None, records) == 3

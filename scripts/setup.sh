@@ -29,6 +29,10 @@ if ! .venv/bin/python -c "import torch, torchvision; torchvision.ops.nms" >/dev/
   pip_install "$TORCH_SPEC" "$TORCHVISION_SPEC"
 fi
 pip_install -e ".[dev]"
+# task=defense's attacks (docs/defense.md). --no-deps: torchattacks 3.5.1 pins requests~=2.25.1
+# in its metadata, which would downgrade the requests/urllib3 that wandb needs; its real
+# dependencies (torch, torchvision, scipy, numpy, tqdm) are installed above.
+pip_install --no-deps "torchattacks==3.5.1"
 
 if ! .venv/bin/python -c "import torch, torchvision, timm, torchmetrics, lightning, genprior" 2>/tmp/genprior_setup_err; then
   echo "setup.sh: the environment does not import cleanly:" >&2

@@ -1,0 +1,232 @@
+"""task=defense: attacks, BPDA/EOT, purification, saved adversarial images, report, resume.
+
+Tiny random networks only (timm's test_vit classifier with random weights, a 2-level DIP of a
+few steps as the prior), 32x32 images: the whole file runs in well under two minutes on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+pytest.importorskip("torchattacks")
+
+from genprior.config import compose
+from genprior.defense import (
+    AdversarialMismatch,
+    AdversarialStore,
+    DefenseRunner,
+    PurifiedClassifier,
+    attack_with_restarts,
+    build_defense_classifier,
+)
+from genprior.evaluate import run_evaluate
+from genprior.metrics_extra import WeightsUnavailable
+from genprior.train import ImageItem
+
+EPS = 16 / 255
+
+TINY = [
+    "prior=dip_skip", "task=defense", "trainer=cpu", "trainer.enable_progress_bar=false",
+    "dip.num_iter=4", "dip.input_depth=4", "dip.num_channels_down=[4,4]",
+    "dip.num_channels_up=[4,4]", "dip.num_channels_skip=[2,2]", "dip.exp_weight=null",
+    'dip.backtracking="off"', "dip.crop_multiple=8",
+    "defense.classifier=test_vit", "defense.classifier_weights=random",
+    "defense.num_classes=10", "defense.input_size=32", "defense.labels=classifier",
+    "defense.eot_samples=2", "defense.eps_sweep=[0.0,0.03]", "defense.sweep_steps=5",
+    "defense.attacks=[{name: fgsm, eps: 0.0627}, {name: pgd, eps: 0.0627, steps: 2, restarts: 2},"
+    " {name: square, eps: 0.0627, n_queries: 5, settings: [transfer]}]",
+]
+
+
+def _quiet() -> None:
+    warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+
+
+def _images(n: int = 4, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # smooth random images (upsampled noise), more image-like than white noise
+    return F.interpolate(torch.rand(n, 3, 8, 8, generator=g), size=(32, 32), mode="bilinear",
+                         align_corners=False).clamp(0, 1)
+
+
+def _items(x: torch.Tensor) -> list[ImageItem]:
+    return [ImageItem(id=f"img{k}", path="", image=xb * 2 - 1, class_id=-1) for k, xb in enumerate(x)]
+
+
+@pytest.fixture(scope="module")
+def classifier() -> torch.nn.Module:
+    return build_defense_classifier(compose(TINY).defense)
+
+
+def test_attacks_lower_accuracy_within_their_budget(classifier) -> None:
+    x = _images()
+    with torch.no_grad():
+        labels = classifier(x).argmax(1)
+    for name in ("fgsm", "pgd", "pgdl2", "square"):
+        eps = 2.0 if name == "pgdl2" else EPS
+        spec = {"name": name, "eps": eps, "steps": 5, "alpha": None, "restarts": 2,
+                "norm": "Linf", "n_queries": 50}
+        adv = attack_with_restarts(spec, classifier, x, labels, seed=0)
+        assert adv.min() >= 0 and adv.max() <= 1
+        delta = (adv - x).flatten(1)
+        if name == "pgdl2":
+            assert float(delta.norm(dim=1).max()) <= eps + 1e-4
+        else:
+            assert float(delta.abs().max()) <= eps + 1e-6
+        with torch.no_grad():
+            acc = float((classifier(adv).argmax(1) == labels).float().mean())
+        assert acc < 1.0, f"{name} did not lower the accuracy of the bare classifier"
+
+
+def test_identity_purifier_restores_nothing(tmp_path: Path, classifier) -> None:
+    cfg = compose([*TINY, "defense.purifier=identity", f"output.dir={tmp_path}"])
+    runner = DefenseRunner(cfg, classifier=classifier)
+    rows = runner.run(_items(_images(3)), tmp_path)
+    assert [r["status"] for r in rows] == ["ok"] * 3
+    for r in rows:
+        assert r["clean_top1"] == 100.0  # labels = the classifier's own clean predictions
+        for label in ("fgsm", "pgd", "square"):
+            assert r[f"{label}_transfer_top1"] == r[f"{label}_adv_top1"]
+            assert r[f"{label}_transfer_top5"] == r[f"{label}_adv_top5"]
+        for label in ("fgsm", "pgd"):
+            assert r[f"{label}_adaptive_top1"] == r[f"{label}_adaptive_unpurified_top1"]
+        assert r["worst_transfer_top1"] == r["worst_adv_top1"]
+    assert sum(r["pgd_adv_top1"] for r in rows) < 300.0  # the attacks worked
+
+
+def test_bpda_gradient_flows_through_a_non_differentiable_purifier(classifier) -> None:
+    x = _images(2)
+    labels = torch.tensor([1, 2])
+    seen: list[int] = []
+
+    def quantise(images, ids, classes, seed):  # no gradient at all: rounding, detached
+        seen.append(seed)
+        return (images * 4).round().detach() / 4, [{"steps": 0.0, "mse": 0.0}] * len(ids)
+
+    model = PurifiedClassifier(classifier, quantise, ["a", "b"], [-1, -1], seeds=[11, 12, 13])
+    xg = x.clone().requires_grad_(True)
+    F.cross_entropy(model(xg), labels).backward()
+    assert seen == [11, 12, 13]  # EOT: one purifier run per seed
+    assert xg.grad is not None and float(xg.grad.abs().sum()) > 0
+    # BPDA: the gradient is the classifier's gradient at the purified image
+    p = ((x * 4).round() / 4).requires_grad_(True)
+    F.cross_entropy(classifier(p), labels).backward()
+    torch.testing.assert_close(xg.grad, p.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_bpda_gradient_flows_through_the_dip_purifier(tmp_path: Path, classifier) -> None:
+    _quiet()
+    from genprior.defense import PriorPurifier
+
+    cfg = compose([*TINY, f"output.dir={tmp_path}"])
+    purifier = PriorPurifier(cfg)
+    model = PurifiedClassifier(classifier, purifier, ["a"], [-1], seeds=[1, 2])
+    xg = _images(1).requires_grad_(True)
+    F.cross_entropy(model(xg), torch.tensor([3])).backward()
+    assert purifier.runs == 2
+    assert xg.grad is not None and torch.isfinite(xg.grad).all() and float(xg.grad.abs().sum()) > 0
+    out, info = purifier(_images(1), ["a"], [-1], 0)
+    out2, _ = purifier(_images(1), ["a"], [-1], 0)
+    torch.testing.assert_close(out, out2)  # same seed, same purification
+    assert info[0]["steps"] == 4.0 and 0 <= info[0]["mse"] < 1
+
+
+def test_adversarial_images_save_reload_and_refuse_another_config(tmp_path: Path) -> None:
+    store = AdversarialStore(tmp_path)
+    meta = {"setting": "transfer", "attack": {"name": "pgd", "eps": 4 / 255}}
+    image = torch.rand(3, 16, 16)
+    path = store.save("transfer/pgd", "ILSVRC2012_val_00000001", image, meta)
+    assert path.is_file()
+    torch.load(path, weights_only=True)  # plain tensors and strings only
+    assert torch.equal(store.load("transfer/pgd", "ILSVRC2012_val_00000001", meta), image)
+    assert store.load("transfer/pgd", "other", meta) is None
+    other = {"setting": "transfer", "attack": {"name": "pgd", "eps": 8 / 255}}
+    with pytest.raises(AdversarialMismatch, match="another attack configuration"):
+        store.load("transfer/pgd", "ILSVRC2012_val_00000001", other)
+
+
+def test_missing_classifier_weights_say_what_to_do(tmp_path: Path) -> None:
+    cfg = compose([*TINY, "defense.classifier=resnet50.tv_in1k",
+                   f"defense.classifier_weights={tmp_path / 'missing.pth'}"])
+    with pytest.raises(WeightsUnavailable) as err:
+        build_defense_classifier(cfg.defense)
+    message = str(err.value)
+    assert "missing.pth" in message and "defense.classifier_weights" in message
+    assert "download" in message
+
+
+def _folder(tmp_path: Path, n: int = 3) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for k, x in enumerate(_images(n, seed=1)):
+        arr = (x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(arr).save(folder / f"im{k}.png")
+    return folder
+
+
+def _run(args: list[str]) -> int:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_evaluate(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _rows(out: Path) -> dict[str, dict[str, Any]]:
+    return {r["id"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+
+
+def test_evaluate_writes_the_report_and_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = [*TINY, f"data.source={_folder(tmp_path)}", f"output.dir={out}"]
+    assert _run(args) == 0
+    report = (out / "defense_report.md").read_text()
+    for field in ("Threat model", "transfer", "adaptive", "BPDA", "EOT", "eps", "steps",
+                  "restarts", "EOT samples: 2", "Seeds", "seed 0", "attack seed 0", "Compute",
+                  "s per image", "purifier runs per image", "Sanity checks",
+                  "does not increase with eps", "reaches 0 %", "worst case", "clean",
+                  "purified", "fgsm", "pgd", "square", "test_vit", "dip.stop_mse"):
+        assert field in report, field
+    assert report.count("**PASS**") + report.count("**FAIL**") >= 2 + 3
+    summary = json.loads((out / "summary.json").read_text())["metrics"]
+    for key in ("clean_top1", "clean_top5", "clean_purified_top1", "pgd_adv_top1",
+                "pgd_transfer_top1", "pgd_adaptive_top1", "square_transfer_top5",
+                "worst_adv_top1", "worst_transfer_top1", "worst_adaptive_top1",
+                "worst_purified_top1", "sweep0_top1", "sweep2_top1", "seconds", "purifier_runs"):
+        assert key in summary, key
+    assert summary["clean_top1"]["mean"] == 100.0
+    assert summary["pgd_adv_top1"]["mean"] < 100.0  # the attack lowers accuracy
+    assert summary["sweep2_top1"]["mean"] == 0.0  # unbounded eps
+    first = _rows(out)
+    saved = sorted((out / "adversarial").rglob("*.pt"))
+    assert len(saved) == 3 * (3 + 2)  # 3 transfer + 2 adaptive attacks per image
+    stamps = {p: p.stat().st_mtime_ns for p in saved}
+
+    # a run killed after two images: drop the last row, run the same command again
+    rank_file = out / "results" / "rank0.jsonl"
+    lines = rank_file.read_text().splitlines(keepends=True)
+    rank_file.write_text("".join(lines[:-1]))
+    assert _run(args) == 0
+    counts = json.loads((out / "summary.json").read_text())["counts"]
+    assert counts["skipped"] == 2 and counts["this_run"] == 1 and counts["missing"] == 0
+    again = _rows(out)
+    assert {p: p.stat().st_mtime_ns for p in saved} == stamps  # adversarial images reloaded
+    redone = json.loads(lines[-1])["id"]
+    # the same result; less compute (the adversarial images were not made again)
+    compute = {"seconds", "purifier_seconds", "purifier_runs", "finished_at", "run_started_at",
+               "pid"}
+    assert {k: v for k, v in again[redone].items() if k not in compute} == \
+        {k: v for k, v in first[redone].items() if k not in compute}
+    assert again[redone]["purifier_runs"] < first[redone]["purifier_runs"]

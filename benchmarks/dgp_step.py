@@ -28,7 +28,7 @@ def measure(batch: int, steps: int, device: str, width: int) -> dict[str, float]
 
     from genprior.degradations import build_degradation
     from genprior.methods.dgp import DGP, DGPSettings
-    from genprior.optim import PerImageAdam
+    from genprior.optim import PerImageAdam, plain_step
     from genprior.priors.biggan import Discriminator, Generator, orthogonal_init_
     from genprior.schedule import Stage
 
@@ -46,14 +46,7 @@ def measure(batch: int, steps: int, device: str, width: int) -> dict[str, float]
     opt = PerImageAdam(method.param_groups(), batch_size=batch, betas=(0.0, 0.999), eps=1e-8)
 
     def step() -> None:
-        opt.active = method.progress.active()
-        opt.set_lrs(method.step_lrs())
-        opt.masks = method.step_masks()
-        opt.zero_grad(set_to_none=True)
-        loss, record, _ = method.loss()
-        loss.backward()
-        opt.step()
-        method.end_step(record)
+        plain_step(method, opt)
 
     step()  # warm-up (allocates the Adam state)
     if dev.type == "cuda":

@@ -214,16 +214,11 @@ class Batched:
         return self.steps_left <= 0
 
     def step(self) -> None:
+        from genprior.optim import plain_step
+
         start = time.perf_counter()
         method, opt = self.method, self.opt
-        opt.active = method.progress.active()
-        opt.set_lrs(method.step_lrs())
-        opt.masks = method.step_masks()
-        opt.zero_grad(set_to_none=True)
-        loss, record, _ = method.loss()
-        loss.backward()
-        opt.step()
-        method.end_step(record)
+        plain_step(method, opt)
         if method.z.device.type == "cuda":
             torch.cuda.synchronize()
         self.steps_left -= 1

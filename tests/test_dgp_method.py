@@ -12,7 +12,7 @@ from genprior.config import compose
 from genprior.degradations import build_degradation
 from genprior.losses import PerceptualLoss
 from genprior.methods.dgp import DGP, DGPSettings
-from genprior.optim import PerImageAdam
+from genprior.optim import PerImageAdam, plain_step
 from genprior.priors.biggan import Discriminator, Generator, orthogonal_init_
 from genprior.schedule import Stage
 from genprior.train import ImageItem, run_batches
@@ -34,15 +34,7 @@ def _run(method: DGP) -> list:
     opt = PerImageAdam(method.param_groups(), batch_size=method.batch_size)
     records = []
     while not method.progress.all_done():
-        opt.active = method.progress.active()
-        opt.set_lrs(method.step_lrs())
-        opt.masks = method.step_masks()
-        opt.zero_grad(set_to_none=True)
-        loss, record, _ = method.loss()
-        loss.backward()
-        opt.step()
-        method.end_step(record)
-        records.append(record)
+        records.append(plain_step(method, opt))
     return records
 
 

@@ -16,7 +16,7 @@ from genprior.config import ConfigError, compose
 from genprior.degradations import build_degradation
 from genprior.methods.dgp import DGP, DGPSettings
 from genprior.metrics import restoration_metrics
-from genprior.optim import PerImageAdam
+from genprior.optim import PerImageAdam, plain_step
 from genprior.perf import CPU_AUTO_BATCH, PerfConfig, auto_batch_size, resolve_batch_size
 from genprior.priors.biggan import (
     Discriminator,
@@ -72,15 +72,7 @@ def _fit(perf: PerfConfig, B: int = 2, gemv: bool = True) -> tuple[torch.Tensor,
     _SpectralNorm.cpu_gemv = gemv
     try:
         while not method.progress.all_done():
-            opt.active = method.progress.active()
-            opt.set_lrs(method.step_lrs())
-            opt.masks = method.step_masks()
-            opt.zero_grad(set_to_none=True)
-            loss, record, _ = method.loss()
-            loss.backward()
-            opt.step()
-            method.end_step(record)
-            totals.append(record.total.clone())
+            totals.append(plain_step(method, opt).total.clone())
     finally:
         _SpectralNorm.cpu_gemv = old
     x = method.final_output()

@@ -270,3 +270,19 @@ class PerImageSGD(StackedOptimizer):
                     update = torch.where(self.active.to(p.device).view(view), update, torch.zeros_like(update))
                 p.sub_(update)
         return loss
+
+
+def plain_step(method: Any, opt: StackedOptimizer) -> Any:
+    """One optimisation step of a method outside Lightning, in ``Reconstruction``'s order:
+    per-image active mask, rates and Adam masks, forward, backward, update, stage bookkeeping.
+    Returns the step's record. For benchmarks and tests; fits go through the LightningModule."""
+    opt.active = method.progress.active()
+    opt.set_lrs(method.step_lrs())
+    if hasattr(method, "step_masks"):
+        opt.masks = method.step_masks()
+    opt.zero_grad(set_to_none=True)
+    loss, record, _ = method.loss()
+    loss.backward()
+    opt.step()
+    method.end_step(record)
+    return record

@@ -253,44 +253,16 @@ class DGP(SettingsAccessors, nn.Module):
         if self.perf.sync_free:
             return self._loss_sync_free(active, stages)
         use_in = torch.tensor([s.use_in for s in stages], device=device)
-        x = self.render(self.z, self.y, use_in if B > 1 else bool(use_in[0]))
-        x_map = self.degradation.apply(x, ids=self.ids)
-        diff = x_map - self.target
-        mse = diff.pow(2).flatten(1).mean(1)
-        l1 = diff.abs().flatten(1).mean(1)
-        nll = self.z.pow(2).div(2).mean(1)
-        zeros = torch.zeros(B, device=device)
-        if self.D is not None:
-            terms = feature_l1_terms(self._d_features(x_map), self.real_features)
-            ftr_num = torch.tensor([s.ftr_num for s in stages], device=device)
-            keep = torch.arange(terms.shape[1], device=device)[None, :] < ftr_num[:, None]
-            ftr = (terms * keep).sum(1)
-        else:
-            ftr = zeros
-        w_percep = torch.tensor([s.w_percep for s in stages], device=device)
-        percep = zeros
-        if self.perceptual is not None and bool((w_percep > 0).any()):
-            percep = self.perceptual(x_map, self.target)
-        w_D = torch.tensor([s.w_D_loss for s in stages], device=device)
-        w_mse = torch.tensor([s.w_mse for s in stages], device=device)
-        per_image = w_D * ftr + w_mse * mse + self.settings.w_nll * nll + w_percep * percep
-        total = (per_image * active.to(device)).sum()
-        record = StepRecord(
-            ftr_loss=ftr.detach(), mse_raw=mse.detach(), l1_raw=l1.detach(), nll=nll.detach(),
-            percep=percep.detach(), total=per_image.detach(), active=active,
-        )
-        # The reference saves the x of the last forward, before the last update (quirk 5).
-        keep_x = active.to(device).view(B, 1, 1, 1)
-        self.last_x = torch.where(keep_x, x.detach(), self.last_x)
-        self.last_record = record
-        return total, record, x.detach()
+        weights = torch.tensor([[float(s.ftr_num) for s in stages], [s.w_D_loss for s in stages],
+                                [s.w_mse for s in stages], [s.w_percep for s in stages]], device=device)
+        return self._loss_terms(weights, active.to(device), active,
+                                use_in if B > 1 else bool(use_in[0]),
+                                self.perceptual is not None and bool((weights[3] > 0).any()))
 
     def _loss_sync_free(self, active: Tensor, stages: list[Stage]) -> tuple[Tensor, StepRecord, Tensor]:
         """:meth:`loss` with every per-image schedule value decided on the host and moved to
         the device in one non-blocking copy, so the step never waits for the device (a
-        blocking host-to-device copy or a ``bool(device tensor)`` drains the CUDA queue).
-        The arithmetic is :meth:`loss`'s, operation for operation."""
-        B = self.batch_size
+        blocking host-to-device copy or a ``bool(device tensor)`` drains the CUDA queue)."""
         device = self.z.device
         host = torch.tensor([
             [float(s.ftr_num) for s in stages],
@@ -300,10 +272,20 @@ class DGP(SettingsAccessors, nn.Module):
             [float(a) for a in active.tolist()],
         ], dtype=torch.float32)
         rows = _to_device(host, device)
-        ftr_num, w_D, w_mse, w_percep, active_f = rows.unbind(0)
         flags = [s.use_in for s in stages]
         # One flag for the whole batch when every image agrees: GBlock then needs no mask.
         use_in: Tensor | bool = flags[0] if len(set(flags)) == 1 else _to_device(torch.tensor(flags), device)
+        return self._loss_terms(rows[:4], rows[4], active, use_in,
+                                self.perceptual is not None and any(s.w_percep > 0 for s in stages))
+
+    def _loss_terms(self, weights: Tensor, active_dev: Tensor, active: Tensor, use_in: Tensor | bool,
+                    with_percep: bool) -> tuple[Tensor, StepRecord, Tensor]:
+        """The step's arithmetic, shared by both paths. ``weights`` = per-image rows ftr_num,
+        w_D_loss, w_mse, w_percep on the device; ``active_dev`` the active mask there (bool or
+        0/1), ``active`` the host mask the record keeps."""
+        B = self.batch_size
+        device = self.z.device
+        ftr_num, w_D, w_mse, w_percep = weights.unbind(0)
         x = self.render(self.z, self.y, use_in)
         x_map = self.degradation.apply(x, ids=self.ids)
         diff = x_map - self.target
@@ -317,16 +299,15 @@ class DGP(SettingsAccessors, nn.Module):
             ftr = (terms * keep).sum(1)
         else:
             ftr = zeros
-        percep = zeros
-        if self.perceptual is not None and any(s.w_percep > 0 for s in stages):
-            percep = self.perceptual(x_map, self.target)
+        percep = self.perceptual(x_map, self.target) if with_percep else zeros
         per_image = w_D * ftr + w_mse * mse + self.settings.w_nll * nll + w_percep * percep
-        total = (per_image * active_f).sum()
+        total = (per_image * active_dev).sum()
         record = StepRecord(
             ftr_loss=ftr.detach(), mse_raw=mse.detach(), l1_raw=l1.detach(), nll=nll.detach(),
             percep=percep.detach(), total=per_image.detach(), active=active,
         )
-        keep_x = active_f.bool().view(B, 1, 1, 1)
+        # The reference saves the x of the last forward, before the last update (quirk 5).
+        keep_x = active_dev.bool().view(B, 1, 1, 1)
         self.last_x = torch.where(keep_x, x.detach(), self.last_x)
         self.last_record = record
         return total, record, x.detach()

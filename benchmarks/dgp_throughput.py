@@ -362,6 +362,9 @@ def main() -> None:
                         help="images run by the sequential baseline for the PSNR comparison (default: min(B_max, 8))")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory probes")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--no-malloc-tuning", action="store_true",
+                        help="CPU: keep glibc's allocator defaults (perf.cpu_malloc_tuning=false); "
+                             "the tuning, on by default as in genprior, serves every run of the process")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "performance.md")
     parser.add_argument("--memory-probe", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -369,6 +372,10 @@ def main() -> None:
     width = args.width or (96 if gpu else 16)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cpu" and not args.no_malloc_tuning:
+        from genprior.perf import tune_cpu_malloc
+
+        tune_cpu_malloc()
     if args.memory_probe is not None:
         memory_probe(args.memory_probe, args.device, width, {"fp32": "none", "bf16": "bf16", "none": "none",
                                                                "seq": "seq"}[args.dtypes[0]])

@@ -231,3 +231,18 @@ def test_evaluate_uses_the_configured_or_automatic_batch_size() -> None:
     fixed = compose(["prior=biggan_tiny", "task=colorization", "trainer.accelerator=cpu",
                      "trainer.batch_size=3"])
     assert _shard_batch_size(fixed, None, records) == 3
+
+
+def test_cpu_malloc_tuning_is_an_option_applied_once() -> None:
+    """perf.cpu_malloc_tuning (default on): mallopt on Linux/glibc, a no-op elsewhere."""
+    import sys
+
+    from genprior.config import compose
+    from genprior.perf import perf_settings, tune_cpu_malloc
+
+    assert perf_settings(compose([])).cpu_malloc_tuning is True
+    assert perf_settings(compose(["perf.cpu_malloc_tuning=false"])).cpu_malloc_tuning is False
+    applied = tune_cpu_malloc()
+    assert applied == tune_cpu_malloc()  # idempotent
+    if sys.platform.startswith("linux") and "glibc" in " ".join(__import__("platform").libc_ver()):
+        assert applied is True

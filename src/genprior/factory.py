@@ -198,6 +198,10 @@ class DGPRunner:
 
 def build_runner(cfg: DictConfig) -> Any:
     from genprior.manipulation import MANIPULATION_TASKS
+    from genprior.perf import perf_settings, tune_cpu_malloc
+
+    if pick_device(cfg).type == "cpu" and perf_settings(cfg).cpu_malloc_tuning:
+        tune_cpu_malloc()
 
     if str(cfg.task.name) == "defense":  # attacks, purification by the prior (docs/defense.md)
         from genprior.defense import DefenseRunner

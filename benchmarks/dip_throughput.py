@@ -50,17 +50,12 @@ class Run:
         self.seconds: list[float] = []
 
     def step(self) -> None:
+        from genprior.optim import plain_step
+
         start = time.perf_counter()
         fit, opt = self.fit, self.opt
-        opt.active = fit.progress.active()
-        opt.set_lrs(fit.step_lrs())
-        opt.zero_grad(set_to_none=True)
-        loss, record, _ = fit.loss()
-        loss.backward()
-        fit.before_optimizer_step()
-        opt.step()
-        fit.end_step(record)
-        if loss.device.type == "cuda":
+        plain_step(fit, opt)
+        if fit.dip.observation.device.type == "cuda":
             torch.cuda.synchronize()
         self.seconds.append(time.perf_counter() - start)
 

@@ -51,3 +51,22 @@ def dgp_ref(shared_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def dip_ref(shared_dir: Path) -> Path:
     return shared_dir / "reference" / "dip"
+
+
+@pytest.fixture(scope="session")
+def evaluate_one_thread():
+    """``run_evaluate`` in this process with one intra-op thread, as evaluate.py's subprocesses
+    have (so in-process results compare with multi-process ones)."""
+    import torch
+
+    from genprior.evaluate import run_evaluate
+
+    def run(args: list[str]) -> int:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return run_evaluate(args)
+        finally:
+            torch.set_num_threads(threads)
+
+    return run

@@ -29,7 +29,6 @@ from genprior.defense import (
     attack_with_restarts,
     build_defense_classifier,
 )
-from genprior.evaluate import run_evaluate
 from genprior.metrics_extra import WeightsUnavailable
 from genprior.train import ImageItem
 
@@ -175,23 +174,14 @@ def _folder(tmp_path: Path, n: int = 3) -> Path:
     return folder
 
 
-def _run(args: list[str]) -> int:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return run_evaluate(args)
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _rows(out: Path) -> dict[str, dict[str, Any]]:
     return {r["id"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
 
 
-def test_evaluate_writes_the_report_and_resumes(tmp_path: Path) -> None:
+def test_evaluate_writes_the_report_and_resumes(tmp_path: Path, evaluate_one_thread) -> None:
     out = tmp_path / "out"
     args = [*TINY, f"data.source={_folder(tmp_path)}", f"output.dir={out}"]
-    assert _run(args) == 0
+    assert evaluate_one_thread(args) == 0
     report = (out / "defense_report.md").read_text()
     for field in ("Threat model", "transfer", "adaptive", "BPDA", "EOT", "eps", "steps",
                   "restarts", "EOT samples: 2", "Seeds", "seed 0", "attack seed 0", "Compute",
@@ -218,7 +208,7 @@ def test_evaluate_writes_the_report_and_resumes(tmp_path: Path) -> None:
     rank_file = out / "results" / "rank0.jsonl"
     lines = rank_file.read_text().splitlines(keepends=True)
     rank_file.write_text("".join(lines[:-1]))
-    assert _run(args) == 0
+    assert evaluate_one_thread(args) == 0
     counts = json.loads((out / "summary.json").read_text())["counts"]
     assert counts["skipped"] == 2 and counts["this_run"] == 1 and counts["missing"] == 0
     again = _rows(out)

@@ -63,16 +63,6 @@ def _result_fields(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if k not in RUN_FIELDS}
 
 
-def _run_in_process(args: list[str]) -> int:
-    """run_evaluate in this process with one intra-op thread (as the subprocesses have)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return run_evaluate(args)
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _subprocess_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "TORCHELASTIC_", "WANDB_"))
@@ -121,10 +111,11 @@ def _data_args(imagenet_val: tuple[Path, Path]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def one_process(imagenet_val: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+def one_process(imagenet_val: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory,
+                evaluate_one_thread) -> dict:
     """The 10 images evaluated by one process: the reference for the distributed runs."""
     out = tmp_path_factory.mktemp("one") / "out"
-    assert _run_in_process([*TINY, *_data_args(imagenet_val), f"output.dir={out}"]) == 0
+    assert evaluate_one_thread([*TINY, *_data_args(imagenet_val), f"output.dir={out}"]) == 0
     return _by_id(out)
 
 
@@ -153,7 +144,7 @@ def test_two_processes_give_the_results_of_one(imagenet_val, one_process, tmp_pa
 @pytest.mark.shared
 @pytest.mark.distributed
 def test_killed_run_resumes_without_losing_or_repeating_images(
-    imagenet_val, one_process, tmp_path: Path
+    imagenet_val, one_process, tmp_path: Path, evaluate_one_thread
 ) -> None:
     out = tmp_path / "out"
     subset = ["data.subset.count=6"]
@@ -176,7 +167,7 @@ def test_killed_run_resumes_without_losing_or_repeating_images(
     assert reported <= {r["id"] for r in killed}
 
     # Rerun the same evaluation (here with one process: the world size may change).
-    assert _run_in_process([*TINY, *_data_args(imagenet_val), *subset, f"output.dir={out}"]) == 0
+    assert evaluate_one_thread([*TINY, *_data_args(imagenet_val), *subset, f"output.dir={out}"]) == 0
     rows = _raw_rows(out)
     ids = [r["id"] for r in rows]
     expected = list(one_process)[:6]
@@ -206,7 +197,7 @@ def _synthetic_folder(folder: Path, good: int, corrupt: int = 1) -> Path:
 
 
 @pytest.fixture(scope="module")
-def wandb_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def wandb_run(tmp_path_factory: pytest.TempPathFactory, evaluate_one_thread) -> Path:
     """Three good images and a corrupt one, reported to an offline W&B run."""
     base = tmp_path_factory.mktemp("wandb_run")
     folder = _synthetic_folder(base / "images", good=3)
@@ -216,7 +207,7 @@ def wandb_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     mp.setenv("WANDB_API_KEY", "local-0000genprior-test-secret-key-00000000")
     mp.setenv("WANDB_SILENT", "true")
     try:
-        code = _run_in_process([*TINY, "logger=wandb", "logger.mode=offline", "data.class_id=7",
+        code = evaluate_one_thread([*TINY, "logger=wandb", "logger.mode=offline", "data.class_id=7",
                                 f"data.source={folder}", "eval.wandb_sheets_first_k=2",
                                 f"output.dir={out}"])
     finally:
@@ -339,20 +330,20 @@ def test_wandb_never_writes_the_api_key(wandb_run: Path) -> None:
             assert secret not in path.read_bytes(), path
 
 
-def test_rerun_skips_finished_and_retry_failed_refits_only_failures(tmp_path: Path) -> None:
+def test_rerun_skips_finished_and_retry_failed_refits_only_failures(tmp_path: Path, evaluate_one_thread) -> None:
     folder = _synthetic_folder(tmp_path / "images", good=1)
     out = tmp_path / "out"
     args = [*TINY, f"data.source={folder}", "data.class_id=3", f"output.dir={out}"]
-    assert _run_in_process(args) == 0
+    assert evaluate_one_thread(args) == 0
     first = _raw_rows(out)
     assert sorted(r["id"] for r in first) == ["broken0", "img0"]
 
-    assert _run_in_process(args) == 0  # nothing left to do
+    assert evaluate_one_thread(args) == 0  # nothing left to do
     assert _raw_rows(out) == first
     counts = json.loads((out / "summary.json").read_text())["counts"]
     assert counts["skipped"] == 2 and counts["this_run"] == 0
 
-    assert _run_in_process([*args, "eval.retry_failed=true"]) == 0
+    assert evaluate_one_thread([*args, "eval.retry_failed=true"]) == 0
     rows = _raw_rows(out)
     assert sorted(r["id"] for r in rows) == ["broken0", "img0"]  # still one row per image
     assert next(r for r in rows if r["id"] == "img0") == next(r for r in first if r["id"] == "img0")
@@ -360,10 +351,10 @@ def test_rerun_skips_finished_and_retry_failed_refits_only_failures(tmp_path: Pa
     assert retried["status"] == "failed" and retried["finished_at"] > first[0]["finished_at"]
 
     # Results of another configuration are never mixed in.
-    assert _run_in_process([*args, "dgp.w_nll=0.5"]) == 2
+    assert evaluate_one_thread([*args, "dgp.w_nll=0.5"]) == 2
     assert _raw_rows(out) == rows
     # ... unless asked to start over, which moves the old results aside.
-    assert _run_in_process([*args, "dgp.w_nll=0.5", "eval.resume=false"]) == 0
+    assert evaluate_one_thread([*args, "dgp.w_nll=0.5", "eval.resume=false"]) == 0
     assert len(list(tmp_path.glob("out/results.old-*/rank0.jsonl"))) == 1
     assert {r["id"] for r in _raw_rows(out)} == {"broken0", "img0"}
 

@@ -33,6 +33,7 @@ from genprior.methods.mganprior import (
     build_mgan_degradation,
     ycbcr_recombine,
 )
+from genprior.optim import plain_step
 from genprior.priors.checkpoints import CheckpointError
 from genprior.priors.pggan import PGGANGenerator
 from genprior.train import ImageItem, fit_batch, run_train
@@ -67,14 +68,7 @@ def _fit(method: MGANPrior, steps: int) -> list[Tensor]:
     opt = method.make_optimizer()
     losses = []
     for _ in range(steps):
-        opt.active = method.progress.active()
-        opt.set_lrs(method.step_lrs())
-        opt.zero_grad(set_to_none=True)
-        loss, record, _ = method.loss()
-        loss.backward()
-        opt.step()
-        method.end_step(record)
-        losses.append(record.total.clone())
+        losses.append(plain_step(method, opt).total.clone())
     return losses
 
 
@@ -380,13 +374,7 @@ def test_latent_only_dgp_optimises_only_z() -> None:
     z0 = method.z.detach().clone()
     opt = PerImageAdam(method.param_groups(), batch_size=1, betas=settings.betas)
     while not method.progress.all_done():
-        opt.active = method.progress.active()
-        opt.set_lrs(method.step_lrs())
-        opt.zero_grad(set_to_none=True)
-        loss, record, _ = method.loss()
-        loss.backward()
-        opt.step()
-        method.end_step(record)
+        plain_step(method, opt)
     assert not torch.equal(method.z.detach(), z0)
     state = G.state_dict()
     assert all(torch.equal(state[k], v) for k, v in method.G_weight.items())

@@ -137,7 +137,7 @@ class PriorPurifier:
     """
 
     def __init__(self, cfg: DictConfig) -> None:
-        from genprior.factory import build_runner, pick_device
+        from genprior.factory import build_runner
 
         pcfg = cfg.copy()
         kind = str(pcfg.prior.kind)
@@ -145,7 +145,6 @@ class PriorPurifier:
         pcfg.dip.task = "jpeg_artifacts"  # DIP: the observation is the image, forward model identity
         pcfg.output.save_G = False
         self.cfg = pcfg
-        self.device = pick_device(pcfg)
         self.runner = build_runner(pcfg)
         self.runs = 0
         self.seconds = 0.0
@@ -162,8 +161,6 @@ class PriorPurifier:
         with torch.enable_grad():
             method = self.runner.prepare(items)
             module = _fit_quietly(self.cfg, method)
-        if isinstance(method, nn.Module):
-            method.to(self.device)  # Lightning's teardown moved it to the CPU
         if module.failed:
             raise RuntimeError("purification failed: " + "; ".join(
                 f"{ids[b]}: {why}" for b, why in module.failed.items()))
@@ -184,7 +181,7 @@ def _fit_quietly(cfg: DictConfig, method: Any) -> Any:
     import lightning as L
 
     from genprior.reconstruction import Reconstruction, StepLoader
-    from genprior.train import fit_devices
+    from genprior.train import fit_devices, restore_device
 
     module = Reconstruction(method, betas=tuple(method.betas), eps=method.eps)
     trainer = L.Trainer(
@@ -195,6 +192,7 @@ def _fit_quietly(cfg: DictConfig, method: Any) -> Any:
         deterministic=cfg.trainer.deterministic,
     )
     trainer.fit(module, train_dataloaders=StepLoader(method.total_steps()))
+    restore_device(cfg, module)  # Lightning's teardown moved the prior to the CPU
     return module
 
 

@@ -274,8 +274,9 @@ class PerImageSGD(StackedOptimizer):
 
 def plain_step(method: Any, opt: StackedOptimizer) -> Any:
     """One optimisation step of a method outside Lightning, in ``Reconstruction``'s order:
-    per-image active mask, rates and Adam masks, forward, backward, update, stage bookkeeping.
-    Returns the step's record. For benchmarks and tests; fits go through the LightningModule."""
+    per-image active mask, rates and Adam masks, forward, backward, DIP's backtracking restore,
+    update, stage bookkeeping. Returns the step's record. For benchmarks, tests and the memory
+    probe; fits go through the LightningModule."""
     opt.active = method.progress.active()
     opt.set_lrs(method.step_lrs())
     if hasattr(method, "step_masks"):
@@ -283,6 +284,8 @@ def plain_step(method: Any, opt: StackedOptimizer) -> Any:
     opt.zero_grad(set_to_none=True)
     loss, record, _ = method.loss()
     loss.backward()
+    if hasattr(method, "before_optimizer_step"):
+        method.before_optimizer_step()
     opt.step()
     method.end_step(record)
     return record

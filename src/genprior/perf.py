@@ -175,7 +175,7 @@ def resolve_batch_size(value: Any, device: torch.device, n_items: int,
 def probe_step_memory(prepare: Callable[[list[Any]], Any], items: list[Any], device: torch.device) -> Callable[[int], int]:
     """``peak_bytes(B)``: the CUDA peak of one optimisation step of the first item repeated B
     times, through the method's own optimizer (what ``Reconstruction.training_step`` runs)."""
-    from genprior.optim import PerImageAdam
+    from genprior.optim import PerImageAdam, plain_step
 
     def peak_bytes(batch: int) -> int:
         torch.cuda.synchronize(device)
@@ -185,17 +185,11 @@ def probe_step_memory(prepare: Callable[[list[Any]], Any], items: list[Any], dev
         make = getattr(method, "make_optimizer", None)
         opt = make() if make is not None else PerImageAdam(
             method.param_groups(), batch_size=method.batch_size, betas=tuple(method.betas), eps=method.eps)
-        opt.set_lrs(method.step_lrs())
-        if hasattr(method, "step_masks"):
-            opt.masks = method.step_masks()
         for _ in range(2):  # the second step holds the Adam state and the gradients together
-            opt.zero_grad(set_to_none=True)
-            loss, _, _ = method.loss()
-            loss.backward()
-            opt.step()
+            plain_step(method, opt)
         torch.cuda.synchronize(device)
         peak = int(torch.cuda.max_memory_allocated(device))
-        del method, opt, loss
+        del method, opt
         torch.cuda.empty_cache()
         return peak
 

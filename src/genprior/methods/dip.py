@@ -35,6 +35,7 @@ import torch
 from PIL import Image, ImageFilter
 from torch import Tensor, nn
 
+from genprior.degradations import MGANPRIOR_GRAY_WEIGHTS, Gray
 from genprior.priors.dip import Downsampler, StackedNets, get_noise, skip, skip_output_size, tv_loss
 
 __all__ = [
@@ -496,6 +497,8 @@ class DIPMethod(nn.Module):
             )
         else:
             self.downsampler = None
+        # colorization's forward model: mGANprior's luma, copied to 3 channels
+        self.gray = Gray(MGANPRIOR_GRAY_WEIGHTS, value_range=(0.0, 1.0)) if task == "colorization" else None
 
         # Backtracking state per image (SPEC §8.1): the reference's counter i (it does not advance
         # on a fall-back), the PSNR at the last checkpoint and the checkpointed parameters.
@@ -560,11 +563,8 @@ class DIPMethod(nn.Module):
         """The task's forward model A(x) used by the loss."""
         if self.downsampler is not None:
             return self.downsampler(x)
-        if self.task == "colorization":
-            from genprior.degradations import MGANPRIOR_GRAY_WEIGHTS
-
-            wr, wg, wb = MGANPRIOR_GRAY_WEIGHTS
-            return (wr * x[:, 0:1] + wg * x[:, 1:2] + wb * x[:, 2:3]).expand_as(x)
+        if self.gray is not None:
+            return self.gray.apply(x)
         if self.mask is not None:
             return x * self.mask
         return x

@@ -44,3 +44,9 @@ def test_help_lists_groups_and_presets() -> None:
     text = help_text("train.py")
     for word in ("prior:", "task:", "biggan128", "colorization", "sr4_mse_biased", "dip_skip"):
         assert word in text
+
+
+def test_unknown_extra_metric_is_a_config_error_with_a_suggestion() -> None:
+    with pytest.raises(ConfigError, match=r"metrics.extra: unknown metric 'lpip'.*Did you mean 'lpips'"):
+        compose(["metrics.extra=[lpip]"])
+    assert list(compose(["metrics.extra=[lpips,niqe]"]).metrics.extra) == ["lpips", "niqe"]

@@ -573,6 +573,18 @@ def _check_execution(cfg: DictConfig) -> None:
 
     if cfg.perf.autocast not in AUTOCAST_MODES:
         raise ConfigError(f"perf.autocast must be one of {', '.join(AUTOCAST_MODES)}, got {cfg.perf.autocast!r}")
+    _check_choices(cfg)
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    """metrics.extra is only built once a run has started (train.run_batches), where an unknown
+    name would end the run with a traceback: refused at composition instead."""
+    from genprior.metrics_extra import EXTRA_METRICS
+
+    for name in cfg.metrics.extra:
+        if name not in EXTRA_METRICS:
+            raise ConfigError(f"metrics.extra: unknown metric {name!r}; valid: {', '.join(EXTRA_METRICS)}."
+                              f"{_suggest(str(name), EXTRA_METRICS)}")
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -70,6 +70,8 @@ TASKS = (
     "colorization",
 )
 _MASKED_TASKS = ("inpainting", "restoration")
+# dip.mask_shape: inpainting's mask from task.mask_path, or a generated centre hole
+MASK_SHAPES = ("file", "dgp_center_hole", "center_square")
 
 
 @dataclass

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import Tensor
 
-from genprior.methods.dip import DIPMethod, DIPSettings, crop_tensor_to_multiple, psnr
+from genprior.methods.dip import MASK_SHAPES, DIPMethod, DIPSettings, crop_tensor_to_multiple, psnr
 from genprior.metrics import ssim
 from genprior.schedule import Progress, Stage
 from genprior.train import ImageItem, image_generator, run_batches
@@ -223,8 +223,7 @@ class DIPRunner:
             return center_hole_box(height, width)
         if s.mask_shape == "center_square":
             return CenterSquareMask(int(s.hole_size)).metric_box(height, width)
-        raise ValueError(f"dip.mask_shape must be file, dgp_center_hole or center_square, "
-                         f"got {s.mask_shape!r}")
+        raise ValueError(f"dip.mask_shape must be one of {', '.join(MASK_SHAPES)}, got {s.mask_shape!r}")
 
     def prepare(self, batch: list[ImageItem]) -> DIPFit:
         obs, masks, cleans, shown = [], [], [], []

@@ -19,20 +19,24 @@ from genprior.metrics import restoration_metrics
 from genprior.optim import PerImageAdam, plain_step
 from genprior.perf import CPU_AUTO_BATCH, PerfConfig, auto_batch_size, resolve_batch_size
 from genprior.priors.biggan import (
+    Attention,
     Discriminator,
     Generator,
     _SpectralNorm,
     cache_frozen_spectral_norms,
     orthogonal_init_,
+    use_fused_attention,
 )
 from genprior.schedule import Stage
 
 # Every switch off: the plain fp32 path the options are measured against.
 PLAIN = PerfConfig(autocast="none", compile=False, channels_last=False, fused_optimizer=False,
-                   cache_frozen_sn=False, sync_free=False)
+                   cache_frozen_sn=False, sync_free=False, fused_attention=False,
+                   sn_scale_outputs=False)
 # Final images of the default options against PLAIN after STEPS steps. The options themselves
 # are exact (test_each_default_option_alone_matches_the_plain_path); the CPU gemv spectral norm
-# sums in another order than the batched matmul, and DGP's Adam (beta1 = 0) amplifies that
+# and the fused attention's online softmax sum in another order than the reference's products,
+# and DGP's Adam (beta1 = 0) amplifies that
 # 1e-7 rounding over the fit (docs/reconstruction.md): measured 4.2e-4, PSNR 4e-4 dB.
 DEFAULT_ATOL = 2e-3
 DEFAULT_PSNR_DB = 1e-2
@@ -95,7 +99,7 @@ def test_default_options_keep_every_image_to_rounding(plain) -> None:
         torch.testing.assert_close(t, t0, rtol=1e-4, atol=0)
 
 
-@pytest.mark.parametrize("option", ["fused_optimizer", "cache_frozen_sn", "sync_free"])
+@pytest.mark.parametrize("option", ["cache_frozen_sn", "sync_free"])
 def test_each_default_option_alone_matches_the_plain_path(plain, option: str) -> None:
     x0, _, totals0 = plain
     x, _, totals = _fit(dataclasses.replace(PLAIN, **{option: True}), gemv=False)
@@ -109,6 +113,42 @@ def test_cpu_gemv_spectral_norm_is_rounding_only(plain) -> None:
     x, psnr, _ = _fit(PLAIN, gemv=True)
     torch.testing.assert_close(x, x0, rtol=0, atol=DEFAULT_ATOL)
     torch.testing.assert_close(psnr, psnr0, rtol=0, atol=DEFAULT_PSNR_DB)
+
+
+@pytest.mark.parametrize("option", ["fused_attention", "sn_scale_outputs", "fused_optimizer"])
+def test_each_rounding_option_alone_stays_within_tolerance(plain, option: str) -> None:
+    # Same math in another summation order (online softmax, W x / sigma, the fused Adam kernel)
+    x0, psnr0, totals0 = plain
+    x, psnr, totals = _fit(dataclasses.replace(PLAIN, **{option: True}), gemv=False)
+    torch.testing.assert_close(x, x0, rtol=0, atol=DEFAULT_ATOL)
+    torch.testing.assert_close(psnr, psnr0, rtol=0, atol=DEFAULT_PSNR_DB)
+    for t, t0 in zip(totals, totals0):
+        torch.testing.assert_close(t, t0, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("channels", [16, 64])  # C/8 < C/2 head sizes, padded to one
+def test_fused_attention_equals_the_reference_products(channels: int) -> None:
+    torch.manual_seed(0)
+    layer = Attention(channels, 1e-8).eval()  # eval: the SN power iteration keeps u0
+    layer.gamma.data.fill_(0.7)
+    x = torch.randn(3, channels, 16, 16, requires_grad=True)
+    reference = layer(x)
+    grads = torch.autograd.grad(reference.square().sum(), [x, *layer.parameters()])
+    use_fused_attention(layer)
+    calls = []
+    original = torch.nn.functional.scaled_dot_product_attention
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                   lambda *a, **k: calls.append(1) or original(*a, **k))
+        fused = layer(x)
+        fused_grads = torch.autograd.grad(fused.square().sum(), [x, *layer.parameters()])
+        assert calls, "B >= 2 with the option on must take the fused kernel"
+        calls.clear()
+        torch.testing.assert_close(layer(x[:1]), reference[:1], rtol=0, atol=0)  # B = 1: reference
+        assert not calls
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
+    for g, g0 in zip(fused_grads, grads):  # sums over all positions: rounding relative to the scale
+        assert (g - g0).abs().max() <= 1e-4 * g0.abs().max(), (g - g0).abs().max()
 
 
 def test_bf16_autocast_keeps_psnr_within_tolerance(plain) -> None:
@@ -160,7 +200,12 @@ def test_fused_adam_equals_the_loop_with_masks_and_frozen_images() -> None:
         return [p.detach() for p in params], opt
 
     loop, opt_loop = run(False)
-    fused, opt_fused = run(True)
+    fused, opt_fused = run(True)  # CPU, B = 3: torch's fused kernel per image
+    with pytest.MonkeyPatch.context() as mp:  # the _foreach_* path (B = 1 and other devices)
+        mp.setattr(PerImageAdam, "_kernel_update", PerImageAdam._fused_update)
+        foreach, _ = run(True)
+    for a, b in zip(loop, foreach):
+        assert torch.equal(a, b)
     for a, b in zip(loop, fused):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
     for p_loop, p_fused in zip(opt_loop.state, opt_fused.state):

@@ -11,6 +11,8 @@ each image's result within float rounding of the plain fp32 path (tests/test_per
 | ``fused_optimizer`` | true | PerImageAdam with ``torch._foreach_*`` ops over each group's stacked tensors and one host-to-device copy of the per-image rates per step, instead of a Python loop of per-tensor ops; the arithmetic is the loop's, element for element |
 | ``cache_frozen_sn`` | true | the frozen discriminator (and G's never-tuned output layer) keep W / sigma(W) between steps instead of recomputing one power iteration per forward: eval mode never moves u0, so the value is the same tensor |
 | ``sync_free`` | true | the step's per-image schedule values (use_in, ftr_num, loss weights) are decided on the host, so a step never waits for the device; losses stay on the device and are read only on logged steps |
+| ``fused_attention`` | true | G's and D's self-attention for B >= 2 through ``F.scaled_dot_product_attention`` (flash kernels on the CPU, flash or memory-efficient on CUDA): the [HW, HW/4] attention map of each image is never stored, forward or backward; B = 1 keeps the reference's two products |
+| ``sn_scale_outputs`` | true | G's spectrally normalised layers with per-image weights (B >= 2) divide their outputs by sigma instead of their weights wherever the weight is the larger tensor (G's 4x4 to 32x32 convolutions and its linear layers): ``W x / sigma == (W / sigma) x``, with four weight-sized passes per layer and step fewer |
 | ``cpu_malloc_tuning`` | true | CPU runs on Linux/glibc: ``mallopt`` keeps freed memory in the process instead of unmapping and re-faulting large tensors every step (:func:`tune_cpu_malloc`) |
 
 ``trainer.batch_size=auto`` (the default) picks B: on a GPU from the free memory and the measured
@@ -49,6 +51,8 @@ class PerfConfig:
     fused_optimizer: bool = True
     cache_frozen_sn: bool = True
     sync_free: bool = True
+    fused_attention: bool = True
+    sn_scale_outputs: bool = True
     # CPU runs on Linux/glibc: keep freed memory in the process (mallopt) instead of handing
     # every large tensor back to the kernel and faulting it in again (docs/performance.md)
     cpu_malloc_tuning: bool = True

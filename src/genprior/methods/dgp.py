@@ -31,6 +31,8 @@ from genprior.priors.biggan import (
     Generator,
     cache_frozen_spectral_norms,
     feature_l1_terms,
+    use_fused_attention,
+    use_output_scaled_spectral_norms,
 )
 from genprior.schedule import Progress, Stage, group_lrs
 
@@ -110,10 +112,13 @@ class DGP(SettingsAccessors, nn.Module):
             for p in self.D.parameters():
                 p.requires_grad_(False)
             cache_frozen_spectral_norms(self.D, self.perf.cache_frozen_sn)
+            use_fused_attention(self.D, self.perf.fused_attention)
             if self.perf.channels_last:
                 self.D.to(memory_format=torch.channels_last)
         # G's output layer is shared by all images and never tuned (SPEC §6.2, quirk 1).
         cache_frozen_spectral_norms(self.G.output_layer, self.perf.cache_frozen_sn)
+        use_fused_attention(self.G, self.perf.fused_attention)
+        use_output_scaled_spectral_norms(self.G, self.perf.sn_scale_outputs)
         # Kept out of the module tree (a compiled D would otherwise be registered twice).
         self.__dict__["_d_forward"] = maybe_compile(self.D, self.perf.compile) if self.D is not None else None
         self._g_call = maybe_compile(_generator_call, self.perf.compile)

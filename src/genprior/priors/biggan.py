@@ -58,8 +58,11 @@ __all__ = [
     "cache_frozen_spectral_norms",
     "d_feature_loss",
     "feature_l1_terms",
+    "fused_attention",
     "orthogonal_init_",
     "stack_per_image",
+    "use_fused_attention",
+    "use_output_scaled_spectral_norms",
 ]
 
 # Channel multipliers of ch per block (SPEC §3.1 and §4). G blocks all upsample x2 from 4x4;
@@ -138,13 +141,17 @@ class _SpectralNorm:
                 with torch.no_grad():
                     self.sv0.copy_(sigma)
             return weight / sigma
+        return weight / self._stacked_sigma().reshape(-1, *([1] * self._weight_ndim))
 
+    def _stacked_sigma(self) -> Tensor:
+        """sigma(W_b) of a stacked weight [B, *shape] as a [B] vector, differentiable in W."""
+        weight, u0, eps = self.weight, self.u0, self.sn_eps
         # One power iteration per image. A shared u0 [1, out] broadcasts over the images.
         w_mat = weight.reshape(*weight.shape[: weight.dim() - self._weight_ndim + 1], -1)
         # B = 1 keeps the matmul: its sums are the reference fixtures' (tests/test_dgp_pipeline.py).
         if (w_mat.dim() == 3 and w_mat.shape[0] > 1 and w_mat.device.type == "cpu" and self.cpu_gemv
                 and w_mat[0].numel() >= self.cpu_gemv_min_elements):
-            return self._sn_weight_gemv(weight, w_mat, u0, eps)
+            return self._sigma_gemv(w_mat, u0, eps)
         with torch.no_grad():
             v = F.normalize(torch.matmul(u0, w_mat), dim=-1, eps=eps)  # [B, 1, rest]
             u = F.normalize(torch.matmul(v, w_mat.transpose(-1, -2)), dim=-1, eps=eps)
@@ -154,9 +161,7 @@ class _SpectralNorm:
                 u0.copy_(u)
                 if self.sv0.dim() == 2:
                     self.sv0.copy_(sigma.reshape(-1, 1))
-        sigma = sigma.reshape(-1, *([1] * self._weight_ndim))  # [B, 1, ..., 1]
-        return weight / sigma
-
+        return sigma.reshape(-1)
 
     # CPU: B matrix-vector products instead of one batched matmul of [B, 1, out] rows, which
     # MKL runs several times slower than B gemvs for large matrices (7.7 ms vs 1.0 ms for
@@ -165,7 +170,7 @@ class _SpectralNorm:
     cpu_gemv = True
     cpu_gemv_min_elements = 1 << 16
 
-    def _sn_weight_gemv(self, weight: Tensor, w_mat: Tensor, u0: Tensor, eps: float) -> Tensor:
+    def _sigma_gemv(self, w_mat: Tensor, u0: Tensor, eps: float) -> Tensor:
         n = w_mat.shape[0]
         mats = torch.unbind(w_mat)  # one UnbindBackward stacks the per-image gradients
         rows = u0.reshape(-1, u0.shape[-1])
@@ -182,7 +187,31 @@ class _SpectralNorm:
                 u0.copy_(torch.stack(us).view_as(u0))
                 if self.sv0.dim() == 2:
                     self.sv0.copy_(sigma.reshape(-1, 1))
-        return weight / sigma.reshape(-1, *([1] * self._weight_ndim))
+        return sigma
+
+    def scales_outputs(self, weights_per_output: int, outputs_per_channel: int) -> bool:
+        """Whether this forward divides its outputs by sigma instead of its weights.
+
+        ``W x / sigma`` equals ``(W / sigma) x``; for a stacked weight of B >= 2 images
+        (``perf.sn_scale_outputs``, set by :func:`use_output_scaled_spectral_norms`) it is the
+        cheaper order wherever a weight has more values per output channel than the output has
+        positions: the 4x4 to 32x32 convolutions and the linear layers of G. The division of the
+        weight, and the three weight-sized passes of its backward, become passes over the much
+        smaller activations. B = 1 keeps the reference's order (the parity fixtures).
+        """
+        return (self.__dict__.get("scale_outputs", False) and self.weight.dim() == self._weight_ndim + 1
+                and self.weight.shape[0] > 1 and weights_per_output >= outputs_per_channel)
+
+    def output_sigma(self) -> Tensor:
+        """[B] sigma for :meth:`scales_outputs`, fp32 also inside an autocast region."""
+        with full_precision():
+            return self._stacked_sigma()
+
+
+def _divide_per_image(out: Tensor, sigma: Tensor) -> Tensor:
+    """out [B, C, ...] / sigma [B] in fp32, back in out's dtype (bf16 under autocast)."""
+    scale = sigma.reshape(-1, *([1] * (out.dim() - 1)))
+    return (out.float() / scale).to(out.dtype)
 
 
 def _check_images(x: Tensor, n_images: int, what: str) -> None:
@@ -209,11 +238,21 @@ class SNConv2d(_SpectralNorm, nn.Conv2d):
         self._init_sn(out_channels, eps)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.scales_outputs(self.weight[0, 0].numel(), x.shape[-2] * x.shape[-1]):
+            sigma = self.output_sigma()
+            out = _divide_per_image(self._stacked_conv(x, self.weight, None), sigma)
+            bias = self.bias
+            if bias is None:
+                return out
+            return out + (bias[:, :, None, None] if bias.dim() == 2 else bias[:, None, None])
         weight, bias = self.sn_weight(), self.bias
         if weight.dim() == 4:
             if bias is not None and bias.dim() == 2:  # only the bias is stacked
                 return F.conv2d(x, weight, None, self.stride, self.padding) + bias[:, :, None, None]
             return F.conv2d(x, weight, bias, self.stride, self.padding)
+        return self._stacked_conv(x, weight, bias)
+
+    def _stacked_conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         # Stacked: fold the images into channels and run one grouped convolution.
         n_images, out_ch = weight.shape[:2]
         _check_images(x, n_images, "SNConv2d")
@@ -240,15 +279,19 @@ class SNLinear(_SpectralNorm, nn.Linear):
         self._init_sn(out_features, eps)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.scales_outputs(self.weight.shape[-1], 1):
+            out = _divide_per_image(self._stacked_linear(x, self.weight), self.output_sigma())
+            return out if self.bias is None else out + self.bias
         weight, bias = self.sn_weight(), self.bias
         if weight.dim() == 2 and (bias is None or bias.dim() == 1):
             return F.linear(x, weight, bias)
-        if weight.dim() == 2:
-            out = F.linear(x, weight)
-        else:
-            _check_images(x, weight.shape[0], "SNLinear")
-            out = torch.bmm(weight, x.unsqueeze(-1)).squeeze(-1)
+        out = F.linear(x, weight) if weight.dim() == 2 else self._stacked_linear(x, weight)
         return out if bias is None else out + bias
+
+    @staticmethod
+    def _stacked_linear(x: Tensor, weight: Tensor) -> Tensor:
+        _check_images(x, weight.shape[0], "SNLinear")
+        return torch.bmm(weight, x.unsqueeze(-1)).squeeze(-1)
 
 
 def _embed(y: Tensor, weight: Tensor) -> Tensor:
@@ -569,7 +612,9 @@ class Attention(nn.Module):
         theta = self.theta(x).view(n, self.ch // 8, positions)
         phi = F.max_pool2d(self.phi(x), [2, 2]).view(n, self.ch // 8, positions // 4)
         g = F.max_pool2d(self.g(x), [2, 2]).view(n, self.ch // 2, positions // 4)
-        if n > 1 and x.device.type == "cpu":
+        if n > 1 and self.__dict__.get("fused", False):
+            attended = fused_attention(theta, phi, g)
+        elif n > 1 and x.device.type == "cpu":
             # One image at a time on the CPU: a [HW, HW/4] map (4 M values at 64x64) stays in
             # the cache from the product through the softmax to the second product, where the
             # whole batch's maps would not (1.5x faster at B = 8). And beta @ g^T, transposed
@@ -589,6 +634,23 @@ class Attention(nn.Module):
 
 def _softmax_map(theta: Tensor, phi: Tensor) -> Tensor:
     return F.softmax(torch.bmm(theta.transpose(1, 2), phi), -1)  # [N, HW, HW/4]
+
+
+def fused_attention(theta: Tensor, phi: Tensor, g: Tensor) -> Tensor:
+    """``g @ softmax(theta^T phi)^T`` through ``F.scaled_dot_product_attention`` (scale 1).
+
+    The fused kernels (flash on the CPU, flash or memory-efficient on CUDA) never hold the
+    [HW, HW/4] map: they stream it in tiles with an online softmax, forward and backward.
+    They need one head size for queries, keys and values, so theta and phi (C/8 channels) are
+    padded with zeros to g's C/2, which leaves every dot product unchanged. Same math as the
+    reference's two products, float rounding apart (summation order of the online softmax).
+    """
+    width = max(theta.shape[1], g.shape[1])
+    q, k, v = (
+        F.pad(t.transpose(1, 2), (0, width - t.shape[1])).contiguous().unsqueeze(1) for t in (theta, phi, g)
+    )
+    out = F.scaled_dot_product_attention(q, k, v, scale=1.0).squeeze(1)  # [N, HW, width]
+    return out[..., : g.shape[1]].transpose(1, 2).contiguous()  # [N, C/2, HW]
 
 
 class DBlock(nn.Module):
@@ -910,6 +972,26 @@ def stack_per_image(module: nn.Module, names: Sequence[str], n_images: int) -> d
         copy = t.detach().unsqueeze(0).repeat(n_images, *([1] * t.dim()))
         stacked[name] = copy.requires_grad_(t.requires_grad)
     return stacked
+
+
+def use_fused_attention(module: nn.Module, enabled: bool = True) -> nn.Module:
+    """Let the attention layers of ``module`` run :func:`fused_attention` for batches of two
+    or more (``perf.fused_attention``); off by default, and B = 1 always keeps the reference's
+    two products, so the parity fixtures and the sequential baseline are unchanged."""
+    for m in module.modules():
+        if isinstance(m, Attention):
+            m.__dict__["fused"] = enabled
+    return module
+
+
+def use_output_scaled_spectral_norms(module: nn.Module, enabled: bool = True) -> nn.Module:
+    """Let the SN convolutions and linear layers of ``module`` divide their outputs instead of
+    their stacked per-image weights by sigma where that is cheaper (``perf.sn_scale_outputs``,
+    :meth:`_SpectralNorm.scales_outputs`); off by default, never used at B = 1."""
+    for m in module.modules():
+        if isinstance(m, (SNConv2d, SNLinear)):
+            m.__dict__["scale_outputs"] = enabled
+    return module
 
 
 def cache_frozen_spectral_norms(module: nn.Module, enabled: bool = True) -> nn.Module:

@@ -149,17 +149,13 @@ class PerImageAdam(StackedOptimizer):
         """CPU: torch's fused Adam kernel (the one behind ``torch.optim.Adam(fused=True)``), one
         call per image and group on that image's slices of the stacked tensors. One pass reads
         the parameter, gradient and moments and writes them back, where the ``_foreach_*`` path
-        makes nine (3.4x faster at B = 8, docs/performance.md). Images outside the active mask
+        makes nine (3.3x faster at B = 8, docs/performance.md). Images outside the active mask
         or a tensor's mask are not called: no update, no moment decay, as in the loop. The
         kernel computes the same formula in float32 with the bias corrections in float64, so it
         equals the loop to float rounding (one ulp), not bit for bit."""
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            by_key: dict[Any, list[Tensor]] = {}
-            for p in group["params"]:
-                if p.grad is not None:
-                    by_key.setdefault(self._mask_key.get(id(p)), []).append(p)
-            for key, params in by_key.items():
+            for key, params in self._stepping_params(group).items():
                 mask_cpu, counts = steps[key]
                 states = [self._init_state(p, counts) for p in params]
                 # per-image slices: one unbind per tensor instead of B selects
@@ -190,6 +186,14 @@ class PerImageAdam(StackedOptimizer):
                         maximize=False,
                     )
 
+    def _stepping_params(self, group: dict[str, Any]) -> dict[Any, list[Tensor]]:
+        """The group's tensors with a gradient, by mask key (None: the image's own step count)."""
+        by_key: dict[Any, list[Tensor]] = {}
+        for p in group["params"]:
+            if p.grad is not None:
+                by_key.setdefault(self._mask_key.get(id(p)), []).append(p)
+        return by_key
+
     def _init_state(self, p: Tensor, counts: Tensor) -> dict[str, Any]:
         state = self.state[p]
         if not state:
@@ -206,11 +210,7 @@ class PerImageAdam(StackedOptimizer):
         rows: list[Tensor] = []
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            by_key: dict[Any, list[Tensor]] = {}
-            for p in group["params"]:
-                if p.grad is not None:
-                    by_key.setdefault(self._mask_key.get(id(p)), []).append(p)
-            for key, params in by_key.items():
+            for key, params in self._stepping_params(group).items():
                 mask_cpu, counts = steps[key]
                 if not bool(mask_cpu.any()):
                     continue

@@ -238,7 +238,7 @@ class SNConv2d(_SpectralNorm, nn.Conv2d):
         self._init_sn(out_channels, eps)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.scales_outputs(self.weight[0, 0].numel(), x.shape[-2] * x.shape[-1]):
+        if self.scales_outputs(self.in_channels * self.kernel_size[0] * self.kernel_size[1], x.shape[-2] * x.shape[-1]):
             sigma = self.output_sigma()
             out = _divide_per_image(self._stacked_conv(x, self.weight, None), sigma)
             bias = self.bias
@@ -279,7 +279,7 @@ class SNLinear(_SpectralNorm, nn.Linear):
         self._init_sn(out_features, eps)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.scales_outputs(self.weight.shape[-1], 1):
+        if self.scales_outputs(self.in_features, 1):
             out = _divide_per_image(self._stacked_linear(x, self.weight), self.output_sigma())
             return out if self.bias is None else out + self.bias
         weight, bias = self.sn_weight(), self.bias

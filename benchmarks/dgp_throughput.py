@@ -361,6 +361,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=None,
                         help="images run by the sequential baseline for the PSNR comparison (default: min(B_max, 8))")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-configuration memory probes")
+    parser.add_argument("--compile", action="store_true",
+                        help="also run every batched configuration with perf.compile=true (compiled in the "
+                             "untimed warm-up iteration; implies --no-memory; own docs section)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--no-malloc-tuning", action="store_true",
                         help="CPU: keep glibc's allocator defaults (perf.cpu_malloc_tuning=false); "
@@ -404,9 +407,12 @@ def main() -> None:
     runs: list[Batched] = []
     for b, auto in batches:
         for dtype in args.dtypes:
-            run = Batched(f"B={b}{' (auto)' if auto else ''} {dtype}", b, dtype)
-            run.setup(G, D, stages, images, z0, classes, PerfConfig(autocast="bf16" if dtype == "bf16" else "none"))
-            runs.append(run)
+            for compiled in (False, True) if args.compile else (False,):
+                label = f"B={b}{' (auto)' if auto else ''} {dtype}{' compiled' if compiled else ''}"
+                run = Batched(label, b, dtype)
+                run.setup(G, D, stages, images, z0, classes,
+                          PerfConfig(autocast="bf16" if dtype == "bf16" else "none", compile=compiled))
+                runs.append(run)
     # The baseline's modules are its own (it changes G's parameters in place).
     G_seq, D_seq = build_models(width, device)
     seq = Sequential(G_seq, D_seq, stages, images[:n_seq], z0[:n_seq], classes[:n_seq])
@@ -452,7 +458,7 @@ def main() -> None:
             "label": run.label, "batch": run.batch, "dtype": run.dtype, "s": statistics.median(run.step_seconds),
             "flops": flops, "psnr": psnr, "dpsnr": psnr[:n] - seq_psnr[:n],
         })
-    if not args.no_memory:
+    if not args.no_memory and not args.compile:
         rows[0]["memory"] = memory_per_image(args.device, width, 1, "seq")
         one = {d: memory_per_image(args.device, width, 1, "bf16" if d == "bf16" else "none") for d in args.dtypes}
         for row, run in zip(rows[1:], runs):
@@ -463,7 +469,8 @@ def main() -> None:
 
     text = report(args, device, width, steps, n_seq, rows, load_before, load_after, wall, names)
     print(text)
-    write_section(args.out, f"dgp-{device.type}-{torch.get_num_threads() if device.type == 'cpu' else 'gpu'}", text)
+    section = f"dgp-{device.type}-{torch.get_num_threads() if device.type == 'cpu' else 'gpu'}"
+    write_section(args.out, section + ("-compile" if args.compile else ""), text)
 
 
 def report(args: Any, device: torch.device, width: int, steps: int, n_seq: int, rows: list[dict[str, Any]],

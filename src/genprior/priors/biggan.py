@@ -112,8 +112,13 @@ class _SpectralNorm:
         would rescale every layer by a 3-digit number. A layer with ``cache_sn`` set (a frozen
         layer in eval mode, see :func:`cache_frozen_spectral_norms`) returns the W / sigma of
         its last forward while its weight and u0 are unchanged: eval mode never moves u0, so
-        that is the value a new power iteration would give.
+        that is the value a new power iteration would give. Inside ``torch.compile`` the cache
+        is skipped: its version check would split the graph at every layer (the power iteration
+        of a frozen layer is then part of the compiled graph).
         """
+        if torch.compiler.is_compiling():
+            with full_precision():
+                return self._sn_weight()
         cached = self.__dict__.get("_sn_cached")
         if cached is not None and not self.training:
             weight_ref, versions, value = cached

@@ -188,6 +188,12 @@ def test_output_scaled_spectral_norm_equals_the_weight_scaled_one(layer: str) ->
         mp.setattr(biggan, "_divide_per_image", lambda *a: calls.append(1) or original(*a))
         result = run()
     assert bool(calls) == (layer != "conv32x32_skipped")
+    calls.clear()
+    one = {n: t[:1] for n, t in stacked.items()}
+    with pytest.MonkeyPatch.context() as mp:  # B = 1 keeps W / sigma (the parity fixtures)
+        mp.setattr(biggan, "_divide_per_image", lambda *a: calls.append(1) or original(*a))
+        torch.func.functional_call(module.eval(), one, (x[:1],))
+    assert not calls
     for a, b in zip(result, reference):  # output, weight gradient (through sigma too), bias gradient
         assert (a - b).abs().max() <= 1e-5 * b.abs().max(), (a - b).abs().max()
     torch.testing.assert_close(stacked["u0"], u0_moved, rtol=0, atol=1e-6)  # the same power iteration

@@ -353,14 +353,11 @@ def _fixed_batch_size(cfg: DictConfig) -> int:
 
 def _shard_batch_size(cfg: DictConfig, runner: Any, records: Any) -> int:
     """trainer.batch_size for this rank; "auto" (the default) measures the GPU (genprior.perf)."""
-    from genprior.factory import pick_device
-    from genprior.perf import batch_size_for, resolve_batch_size
+    from genprior.perf import batch_size_for
     from genprior.train import ImageItem
 
-    device = pick_device(cfg)
-    if str(cfg.trainer.batch_size) != "auto" or device.type != "cuda":
-        return resolve_batch_size(cfg.trainer.batch_size, device, len(records))
-    first = next((r for r in records if not r["error"]), None) if len(records) > 1 else None
+    # The GPU probe (batch_size_for decides whether to run it) fits the first readable image.
+    first = next((r for r in records if not r["error"]), None)
     items = [ImageItem(id=first["id"], path=first["path"], image=first["image"],
                        class_id=int(first["class"]))] * len(records) if first is not None else []
     return batch_size_for(cfg, items, getattr(runner, "prepare", None))

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from genprior.perf import to_device_async
+
 
 class StackedOptimizer(torch.optim.Optimizer):
     """Base of the per-image optimizers: stacked tensors, [B] learning rates, an active mask."""
@@ -221,11 +223,7 @@ class PerImageAdam(StackedOptimizer):
             return
         first = segments[0][2][0]
         # float64 -> the parameters' dtype on the host: the same rounding as the loop's .to()
-        table = torch.stack(rows).to(first.dtype)
-        if first.device.type == "cuda":
-            table = table.pin_memory().to(first.device, non_blocking=True)
-        else:
-            table = table.to(first.device)
+        table = to_device_async(torch.stack(rows).to(first.dtype), first.device)
         for index, (group, key, params) in enumerate(segments):
             beta1, beta2 = group["betas"]
             eps = group["eps"]

@@ -107,6 +107,14 @@ def perf_settings(cfg: Any) -> PerfConfig:
     return perf
 
 
+def to_device_async(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device`` without a blocking copy (``perf.sync_free``): pinned
+    and non-blocking on CUDA, a plain ``.to`` elsewhere."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def autocast(device: torch.device, mode: str) -> contextlib.AbstractContextManager[Any]:
     """``torch.autocast`` in bfloat16 for ``mode == "bf16"``, else a no-op context."""
     if mode == "bf16":

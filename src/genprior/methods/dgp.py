@@ -25,7 +25,7 @@ from torch.func import functional_call
 from genprior.degradations import Degradation
 from genprior.methods.base import SettingsAccessors
 from genprior.metrics import IMAGE_KEYS, lab_recombine, psnr, restoration_metrics
-from genprior.perf import PerfConfig, autocast, maybe_compile
+from genprior.perf import PerfConfig, autocast, maybe_compile, to_device_async
 from genprior.priors.biggan import (
     Discriminator,
     Generator,
@@ -276,10 +276,10 @@ class DGP(SettingsAccessors, nn.Module):
             [s.w_percep for s in stages],
             [float(a) for a in active.tolist()],
         ], dtype=torch.float32)
-        rows = _to_device(host, device)
+        rows = to_device_async(host, device)
         flags = [s.use_in for s in stages]
         # One flag for the whole batch when every image agrees: GBlock then needs no mask.
-        use_in: Tensor | bool = flags[0] if len(set(flags)) == 1 else _to_device(torch.tensor(flags), device)
+        use_in: Tensor | bool = flags[0] if len(set(flags)) == 1 else to_device_async(torch.tensor(flags), device)
         return self._loss_terms(rows[:4], rows[4], active, use_in,
                                 self.perceptual is not None and any(s.w_percep > 0 for s in stages))
 
@@ -446,13 +446,6 @@ class DGP(SettingsAccessors, nn.Module):
 def _generator_call(G: Generator, tensors: dict[str, Tensor], z: Tensor, e: Tensor,
                     use_in: Tensor | bool) -> Tensor:
     return functional_call(G, tensors, (z, e), {"use_in": use_in})
-
-
-def _to_device(host: Tensor, device: torch.device) -> Tensor:
-    """A small host tensor on ``device`` without a blocking copy (pinned, non_blocking)."""
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _is_in_param(name: str) -> bool:

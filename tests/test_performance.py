@@ -223,6 +223,20 @@ def test_torch_compile_keeps_results(plain) -> None:
     torch.testing.assert_close(psnr, psnr0, rtol=0, atol=DEFAULT_PSNR_DB)
 
 
+def test_cached_spectral_norms_do_not_split_a_compiled_graph() -> None:
+    # perf.compile: the frozen-SN cache's version check broke D into 39 graphs (38 breaks);
+    # inside torch.compile the cache is skipped, so D traces as one graph
+    _, D = _tiny()
+    for p in D.parameters():
+        p.requires_grad_(False)
+    cache_frozen_spectral_norms(D)
+    x = torch.rand(2, 3, 128, 128)
+    eager = D(x)[0]  # fills the cache
+    explained = torch._dynamo.explain(D)(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    torch.testing.assert_close(D(x)[0], eager, rtol=0, atol=0)  # eager still uses the cache
+
+
 # ------------------------------------------------------------------------------ optimizer
 def test_fused_adam_equals_the_loop_with_masks_and_frozen_images() -> None:
     torch.manual_seed(0)

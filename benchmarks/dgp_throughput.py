@@ -150,7 +150,7 @@ class Sequential:
         self.t = 0
 
     def step(self) -> None:
-        from genprior.priors.biggan import d_feature_loss
+        from genprior.losses import d_feature_loss
 
         if self.position >= len(self.schedule):
             self._start_image()

@@ -1,7 +1,19 @@
-"""Shared pytest fixtures and the opt-in switches for slow tests."""
+"""Shared pytest fixtures, the opt-in switches for slow tests, and the thread-count switch.
+
+``--threads N`` (or ``GENPRIOR_TEST_THREADS=N``) runs the whole suite with N intra-op torch
+threads: float32 results depend on it (oneDNN and MKL split their sums by thread), so every
+float32 tolerance in the suite is checked at 1, 2 and 4 threads (docs/faithfulness.md).
+
+``GENPRIOR_RECORD_TOLERANCES=<file.jsonl>`` records, for every ``torch.testing.assert_close``,
+the largest absolute and relative difference it saw next to its tolerance;
+``scripts/tolerance_report.py`` turns runs at several thread counts into the measured spread
+that each float32 tolerance is justified by.
+"""
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
 from pathlib import Path
 
@@ -14,6 +26,63 @@ SHARED_DIR = Path(os.environ.get("GENPRIOR_SHARED_DIR", REPO_ROOT.parent / "shar
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
+    parser.addoption("--threads", type=int, default=None,
+                     help="torch intra-op threads for the whole run (default: torch's own choice; "
+                          "also GENPRIOR_TEST_THREADS)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    threads = config.getoption("--threads") or int(os.environ.get("GENPRIOR_TEST_THREADS", "0") or 0)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    record = os.environ.get("GENPRIOR_RECORD_TOLERANCES")
+    if record:
+        _record_assert_close(Path(record))
+
+
+_DEFAULT_TOLERANCES: dict = {}
+
+
+def _record_assert_close(path: Path) -> None:
+    """Wrap torch.testing.assert_close to append what every call measured to ``path``."""
+    import torch
+
+    # torch.testing.assert_close's defaults (rtol, atol) per dtype
+    _DEFAULT_TOLERANCES.update({torch.float16: (1e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5),
+                                torch.float32: (1.3e-6, 1e-5), torch.float64: (1e-7, 1e-7)})
+    original = torch.testing.assert_close
+
+    def recording(actual, expected, *args, **kwargs):  # type: ignore[no-untyped-def]
+        caller = inspect.stack()[1]
+        row = {"site": f"{Path(caller.filename).name}:{caller.lineno}",
+               "test": os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0],
+               "threads": torch.get_num_threads(), "rtol": kwargs.get("rtol"), "atol": kwargs.get("atol")}
+        try:
+            a, e = torch.as_tensor(actual), torch.as_tensor(expected)
+            row["dtype"] = str(a.dtype).replace("torch.", "")
+            if a.is_floating_point() and a.numel() and a.shape == e.shape:
+                diff = (a.double() - e.to(a.device).double()).abs()
+                finite = torch.isfinite(diff)
+                row["max_abs"] = float(diff[finite].max()) if finite.any() else 0.0
+                scale = e.to(a.device).double().abs()
+                rel = diff / scale.clamp_min(1e-300)
+                row["max_rel"] = float(rel[finite].max()) if finite.any() else 0.0
+                # how much of its tolerance the call used (torch's defaults when none is given)
+                default_rtol, default_atol = _DEFAULT_TOLERANCES.get(a.dtype, (0.0, 0.0))
+                rtol = kwargs.get("rtol", default_rtol)
+                atol = kwargs.get("atol", default_atol)
+                allowed = atol + rtol * scale
+                used = torch.where(allowed > 0, diff / allowed.clamp_min(1e-300), (diff > 0).double() * float("inf"))
+                row["used"] = float(used[finite].max()) if finite.any() else 0.0
+        except Exception:  # recording must never change a test's outcome
+            pass
+        with path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        return original(actual, expected, *args, **kwargs)
+
+    torch.testing.assert_close = recording
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -54,6 +123,11 @@ def dip_ref(shared_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def mgan_ref(shared_dir: Path) -> Path:
+    return shared_dir / "reference" / "mganprior"
+
+
+@pytest.fixture(scope="session")
 def evaluate_one_thread():
     """``run_evaluate`` in this process with one intra-op thread, as evaluate.py's subprocesses
     have (so in-process results compare with multi-process ones)."""
@@ -70,3 +144,16 @@ def evaluate_one_thread():
             torch.set_num_threads(threads)
 
     return run
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """Run the test at 1, then at 2 intra-op threads, and restore the session's count after:
+    the float64 trace replays must hold at both (MKL and oneDNN split their sums by thread,
+    so each count rounds differently)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)

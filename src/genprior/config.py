@@ -186,6 +186,8 @@ class TrainerConfig:
     devices: Any = 1
     num_nodes: int = 1
     strategy: str = "auto"
+    # 32-true | 64-true (every method end to end in float64, docs/faithfulness.md); Lightning's
+    # bf16-mixed / 16-mixed run the step under its autocast
     precision: str = "32-true"
     # B: images fitted at once, each with its own parameters; an int, or "auto" (GPU: from the
     # free memory; CPU: 1), see genprior.perf.resolve_batch_size
@@ -570,6 +572,12 @@ def _check_execution(cfg: DictConfig) -> None:
     if not (value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)):
         raise ConfigError(f"trainer.batch_size must be a positive integer or 'auto', got {value!r}")
     from genprior.perf import AUTOCAST_MODES
+    from genprior.precision import check_precision
+
+    try:
+        check_precision(cfg.trainer.precision)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
     if cfg.perf.autocast not in AUTOCAST_MODES:
         raise ConfigError(f"perf.autocast must be one of {', '.join(AUTOCAST_MODES)}, got {cfg.perf.autocast!r}")

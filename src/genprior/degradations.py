@@ -171,7 +171,9 @@ class Gray(Degradation):
         _check_batch(x)
         wr, wg, wb = self.weights
         gray = wr * x[:, 0:1] + wg * x[:, 1:2] + wb * x[:, 2:3]
-        return gray.repeat(1, 3, 1, 1)
+        # A view, as the reference's expand: its backward sums the three channels' gradients
+        # the reference's way.
+        return gray.expand(-1, 3, -1, -1)
 
     def _repr_fields(self) -> dict[str, Any]:
         return {"weights": self.weights}
@@ -490,9 +492,18 @@ class Downsample(Degradation):
         key = (x.device, x.dtype, x.shape[1])
         if key not in self._weights:
             assert self.weight64 is not None
-            # The reference casts the float64 kernel to float32 (DIP SPEC §5.2).
-            k = self.weight64.to(torch.float32).to(device=x.device, dtype=x.dtype)
-            self._weights[key] = k.expand(x.shape[1], 1, *k.shape).contiguous()
+            # The reference casts the float64 kernel to its tensors' type: float32 (DIP SPEC
+            # §5.2), or float64 itself in a float64 run (no float32 rounding of the taps).
+            via = torch.float64 if x.dtype == torch.float64 else torch.float32
+            k = self.weight64.to(via).to(device=x.device, dtype=x.dtype)
+            # The reference's Downsampler is a full C -> C convolution whose off-diagonal
+            # filters are zero (DIP SPEC §5.2): the same sum as a depthwise convolution, but
+            # it is the kernel the reference runs, so its rounding is the reference's too.
+            channels = x.shape[1]
+            weight = k.new_zeros(channels, channels, *k.shape)
+            for c in range(channels):
+                weight[c, c] = k
+            self._weights[key] = weight
         return self._weights[key]
 
     def _check_size(self, x: Tensor) -> None:
@@ -517,10 +528,8 @@ class Downsample(Degradation):
                 align_corners=False,
                 antialias=False,
             )
-        # The reference runs a full conv whose off-diagonal weights are zero; a depthwise
-        # (grouped) conv is the same sum without the exact-zero terms.
         unit = F.pad(self._to_unit(x), (self.pad,) * 4, mode="replicate")
-        low = F.conv2d(unit, self._weight(x), stride=self.factor, groups=x.shape[1])
+        low = F.conv2d(unit, self._weight(x), stride=self.factor)
         return self._from_unit(low)
 
     def apply(self, x: Tensor, ids: Ids = None) -> Tensor:
@@ -544,8 +553,10 @@ class Downsample(Degradation):
             low = np.asarray(pil.resize(size, Image.Resampling.LANCZOS))
             lows.append(low[..., None] if low.ndim == 2 else low)
         low = torch.from_numpy(np.stack(lows)).permute(0, 3, 1, 2)
-        # torchvision's ToTensor: uint8 -> float32, then /255.
-        return low.to(device=unit.device, dtype=torch.float32).div(255).to(unit.dtype)
+        # torchvision's ToTensor: uint8 -> float32, then /255 (in float64 in a float64 run,
+        # DGP TRACES_F64.md §3: the reference's pil_to_np divides in the run's dtype there).
+        via = torch.float64 if unit.dtype == torch.float64 else torch.float32
+        return low.to(device=unit.device, dtype=via).div(255).to(unit.dtype)
 
     def _repr_fields(self) -> dict[str, Any]:
         return {"factor": self.factor, "kernel": self.kernel, "upsample": self.upsample}

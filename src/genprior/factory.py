@@ -105,6 +105,9 @@ def _sample_item(cfg: DictConfig) -> ImageItem:
 
 # ---------------------------------------------------------------------------------- priors
 def load_biggan_prior(cfg: DictConfig, device: torch.device, need_D: bool | None = None) -> tuple[Any, Any]:
+    """BigGAN G (and D) on ``device`` in the run's dtype (``trainer.precision``); the published
+    float32 weights are copied exactly into a float64 model."""
+    from genprior.precision import run_dtype
     from genprior.priors.biggan import Discriminator, Generator, orthogonal_init_
 
     p = cfg.prior
@@ -126,7 +129,8 @@ def load_biggan_prior(cfg: DictConfig, device: torch.device, need_D: bool | None
                            use_ema=p.use_ema, need_D=need_D)
     else:
         raise ValueError(f"prior.weights must be 'pretrained' or 'random', got {p.weights!r}")
-    return G.to(device), (D.to(device) if D is not None else None)
+    dtype = run_dtype(cfg)
+    return G.to(device, dtype), (D.to(device, dtype) if D is not None else None)
 
 
 class DGPRunner:
@@ -163,7 +167,7 @@ class DGPRunner:
         if any(w > 0 for w in d.w_percep):
             from genprior.losses import PerceptualLoss
 
-            perceptual = PerceptualLoss(d.perceptual_weights).to(self.device)
+            perceptual = PerceptualLoss(d.perceptual_weights).to(self.device, G.linear.weight.dtype)
         from genprior.perf import perf_settings
 
         self.method = DGP(G, D, settings, degradation, perceptual=perceptual,

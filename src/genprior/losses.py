@@ -1,8 +1,9 @@
-"""Loss terms that need a network of their own.
+"""Loss terms, per image: MSE, L1, DGP's D-feature loss and the perceptual (VGG-16) loss.
 
-The D-feature loss lives beside the discriminator (``genprior.priors.biggan``); MSE, L1 and the
-latent prior are one-liners inside the methods. This module holds the perceptual loss of DGP's
-Table 4 ablation (and mGANprior's VGG variant): distances between VGG-16 features.
+Every function returns one value per image (``[B]``): the images of a batch are fitted
+independently, so each image's gradient must come from its own term only. A batch of one uses
+the very functions the references call (``F.mse_loss``, ``F.l1_loss``, summed one feature at
+a time), so that B = 1 computes what they compute, op for op (docs/faithfulness.md).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 # Indices of the ReLU outputs in VGG-16's ``features`` (torchvision and timm share the layout):
@@ -25,6 +27,45 @@ VGG_WEIGHTS_HELP = (
     "pytorch_model.bin) or torchvision's vgg16-397923af.pth. Download it on a machine with "
     "internet access and pass its path as dgp.perceptual_weights=<file>."
 )
+
+
+def mse_per_image(x: Tensor, target: Tensor) -> Tensor:
+    """mean((x - target)^2) of every image, [B]; B = 1 is the reference's nn.MSELoss."""
+    if x.shape[0] == 1 and x.shape == target.shape:
+        return F.mse_loss(x, target).reshape(1)
+    return (x - target).square().flatten(1).mean(1)
+
+
+def l1_per_image(x: Tensor, target: Tensor) -> Tensor:
+    """mean|x - target| of every image, [B]; B = 1 is the reference's F.l1_loss."""
+    if x.shape[0] == 1 and x.shape == target.shape:
+        return F.l1_loss(x, target).reshape(1)
+    return (x - target).abs().flatten(1).mean(1)
+
+
+def feature_l1_terms(fake_feats: Sequence[Tensor], real_feats: Sequence[Tensor]) -> Tensor:
+    """Per-image mean |fake - real| of every D feature, ordered from the end: [B, n_feat].
+
+    Column 0 is the pooled vector, column 1 relu(last block output), ... (DGP SPEC §4), the
+    order in which the reference's DiscriminatorLoss takes them. Each mean runs over one
+    image's elements only, so a batch gives B independent values. A real feature list with
+    batch 1 broadcasts against a fake batch.
+    """
+    if len(fake_feats) != len(real_feats):
+        raise ValueError(f"{len(fake_feats)} fake features vs {len(real_feats)} real features")
+    terms = [l1_per_image(fake, real) for fake, real in zip(reversed(fake_feats), reversed(real_feats))]
+    return torch.stack(terms, 1)
+
+
+def d_feature_loss(fake_feats: Sequence[Tensor], real_feats: Sequence[Tensor], ftr_num: int) -> Tensor:
+    """DGP's DiscriminatorLoss: per image, the sum of the last ``ftr_num`` L1 terms -> [B]."""
+    if not 1 <= ftr_num <= len(fake_feats):
+        raise ValueError(f"ftr_num must be in 1..{len(fake_feats)}, got {ftr_num}")
+    terms = feature_l1_terms(fake_feats[-ftr_num:], real_feats[-ftr_num:])
+    loss = terms[:, 0]
+    for j in range(1, ftr_num):  # summed one by one, in the reference's order
+        loss = loss + terms[:, j]
+    return loss
 
 
 def load_vgg16_features(weights: str | Path | None, upto: int) -> nn.Sequential:

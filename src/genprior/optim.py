@@ -122,9 +122,7 @@ class PerImageAdam(StackedOptimizer):
                 state = self._init_state(p, counts)
                 ck = (key, p.device, p.dtype)
                 if ck not in cache:
-                    safe = counts.clamp(min=1.0)
-                    step_size = group["lr"] / (1.0 - beta1**safe)
-                    bc2 = (1.0 - beta2**safe).sqrt()
+                    step_size, bc2 = adam_scalars(group["lr"], counts, beta1, beta2)
                     cache[ck] = (
                         step_size.to(device=p.device, dtype=p.dtype),
                         bc2.to(device=p.device, dtype=p.dtype),
@@ -142,7 +140,9 @@ class PerImageAdam(StackedOptimizer):
                     exp_avg.lerp_(grad, 1 - beta1)
                     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                     denom = (exp_avg_sq.sqrt() / bc2_t).add_(eps)
-                    p.sub_(step_size_t * (exp_avg / denom))
+                    # torch.optim.Adam's addcdiv_(exp_avg, denom, value=-step_size) computes
+                    # (step_size * exp_avg) / denom: the same order, so B = 1 is its rounding
+                    p.sub_(step_size_t * exp_avg / denom)
                 else:
                     _masked_adam(p, state, mask_t.view(view), step_size_t, bc2_t, beta1, beta2, eps)
         return loss
@@ -216,8 +216,7 @@ class PerImageAdam(StackedOptimizer):
                 mask_cpu, counts = steps[key]
                 if not bool(mask_cpu.any()):
                     continue
-                safe = counts.clamp(min=1.0)
-                rows += [group["lr"] / (1.0 - beta1**safe), (1.0 - beta2**safe).sqrt()]
+                rows += list(adam_scalars(group["lr"], counts, beta1, beta2))
                 segments.append((group, key, params))
         if not segments:
             return
@@ -249,9 +248,9 @@ class PerImageAdam(StackedOptimizer):
                 denoms = torch._foreach_sqrt(exp_avg_sqs)
                 torch._foreach_div_(denoms, [bc2.view(v) for v in views])
                 torch._foreach_add_(denoms, eps)
-                updates = torch._foreach_div(exp_avgs, denoms)
+                updates = torch._foreach_mul(exp_avgs, [step_size.view(v) for v in views])
+                torch._foreach_div_(updates, denoms)  # (step_size * exp_avg) / denom, as addcdiv
                 del denoms
-                torch._foreach_mul_(updates, [step_size.view(v) for v in views])
                 torch._foreach_sub_(chunk, updates)
 
     def reset_state(self) -> None:
@@ -260,6 +259,19 @@ class PerImageAdam(StackedOptimizer):
         self.image_steps = torch.zeros(self.batch_size, dtype=torch.float64)
         for key in self.masked_steps:
             self.masked_steps[key] = torch.zeros(self.batch_size, dtype=torch.float64)
+
+
+def adam_scalars(lrs: Tensor, counts: Tensor, beta1: float, beta2: float) -> tuple[Tensor, Tensor]:
+    """Per-image step size ``lr / (1 - beta1^t)`` and ``sqrt(1 - beta2^t)`` as [B] float64.
+
+    Computed with Python floats, image by image, as torch.optim.Adam computes them from its
+    Python scalars (``bias_correction2 ** 0.5``), so that B = 1 uses the very same doubles;
+    the caller casts them to the parameters' dtype as Adam's scalar arguments are cast.
+    """
+    steps = [max(float(t), 1.0) for t in counts.tolist()]
+    step_size = [float(lr) / (1.0 - beta1**t) for lr, t in zip(lrs.tolist(), steps)]
+    bc2 = [(1.0 - beta2**t) ** 0.5 for t in steps]
+    return torch.tensor(step_size, dtype=torch.float64), torch.tensor(bc2, dtype=torch.float64)
 
 
 # torch >= 2.4 has a CPU implementation of the fused Adam kernel.
@@ -289,7 +301,7 @@ def _masked_adam(p: Tensor, state: dict[str, Tensor], mask: Tensor, step_size: T
     new_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
     exp_avg_sq.copy_(torch.where(mask, new_sq, exp_avg_sq))
     denom = (exp_avg_sq.sqrt() / bc2).add_(eps)
-    update = step_size * (exp_avg / denom)
+    update = step_size * exp_avg / denom
     p.sub_(torch.where(mask, update, torch.zeros_like(update)))
 
 

@@ -22,12 +22,15 @@ peak of a B = 1 and a B = 2 step (:func:`auto_batch_size`), on the CPU :data:`CP
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from genprior.precision import compute_dtype
 
 log = logging.getLogger("genprior")
 
@@ -104,6 +107,19 @@ def perf_settings(cfg: Any) -> PerfConfig:
     values = {k: section[k] for k in PerfConfig.__dataclass_fields__ if k in section}
     perf = PerfConfig(**values)
     check(perf)
+    trainer = cfg.get("trainer") if hasattr(cfg, "get") else None
+    if trainer is not None and compute_dtype(trainer.precision) == torch.float64:
+        perf = for_float64(perf)
+    return perf
+
+
+def for_float64(perf: PerfConfig) -> PerfConfig:
+    """The options a float64 run keeps: every option computes in float64 except bf16 autocast,
+    which is switched off with a logged notice (a bf16 step would void the float64 proof)."""
+    if perf.autocast != "none":
+        log.warning("trainer.precision=64-true: perf.autocast=%s is switched off (the step runs "
+                    "in float64)", perf.autocast)
+        perf = dataclasses.replace(perf, autocast="none")
     return perf
 
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from genprior.degradations import Degradation
+from genprior.losses import feature_l1_terms, l1_per_image, mse_per_image
 from genprior.methods.base import SettingsAccessors
 from genprior.metrics import IMAGE_KEYS, lab_recombine, psnr, restoration_metrics
 from genprior.perf import PerfConfig, autocast, maybe_compile, to_device_async
@@ -30,7 +31,6 @@ from genprior.priors.biggan import (
     Discriminator,
     Generator,
     cache_frozen_spectral_norms,
-    feature_l1_terms,
     use_fused_attention,
     use_output_scaled_spectral_norms,
 )
@@ -138,6 +138,12 @@ class DGP(SettingsAccessors, nn.Module):
         self.in_flag_names = [n for n, _ in G.named_buffers() if n.endswith("in_initialized")]
         self.batch_size = 0
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype every image's tensors, losses and metrics are computed in: G's (float64
+        for ``trainer.precision=64-true``, docs/faithfulness.md)."""
+        return self.G.linear.weight.dtype
+
     # ------------------------------------------------------------------ per-batch set-up
     def start(
         self,
@@ -150,6 +156,8 @@ class DGP(SettingsAccessors, nn.Module):
         """reset_G, set_target and select_z of the reference for a new batch (SPEC §6.1)."""
         B = images.shape[0]
         device = images.device
+        # Images are preprocessed in float32 (as the reference does) and cast here.
+        images = images.to(self.dtype)
         self.batch_size = B
         self.ids = list(ids)
         self.target_origin = images
@@ -177,7 +185,7 @@ class DGP(SettingsAccessors, nn.Module):
         )
         z, y = self.select_z(classes.to(device), generators)
         if initial_z is not None:
-            z = initial_z.to(device).clone()
+            z = initial_z.to(device=device, dtype=self.dtype).clone()
         self.z = z.detach().clone().requires_grad_(True)
         self.y = y
         self.progress = Progress(self.settings.stages, B)
@@ -236,18 +244,18 @@ class DGP(SettingsAccessors, nn.Module):
         tensors = {**self.trainable, **self.in_state}
         with autocast(z.device, self.perf.autocast):
             x = self._g_call(self.G, tensors, z, self.embed(y), use_in)
-        return x.float()
+        return x.to(self.dtype)  # back from bf16 under perf.autocast
 
     def _d_features(self, x: Tensor, precision: str | None = None) -> list[Tensor]:
-        """D's features of x; ``precision`` "none" forces fp32 (the target's features and
-        select_z's ranking of candidates are computed once and must not move with autocast)."""
+        """D's features of x; ``precision`` "none" switches autocast off (the target's features
+        and select_z's ranking of candidates are computed once and must not move with it)."""
         assert self._d_forward is not None
         if self.perf.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(x.device, self.perf.autocast if precision is None else precision):
             features = self._d_forward(x)[1]
-        # The L1 terms are means over whole feature maps: reduce them in fp32.
-        return [f.float() for f in features]
+        # The L1 terms are means over whole feature maps: reduce them in the run's dtype.
+        return [f.to(self.dtype) for f in features]
 
     def loss(self) -> tuple[Tensor, StepRecord, Tensor]:
         """One iteration's forward pass: returns the summed loss, the per-image record, x."""
@@ -259,7 +267,8 @@ class DGP(SettingsAccessors, nn.Module):
             return self._loss_sync_free(active, stages)
         use_in = torch.tensor([s.use_in for s in stages], device=device)
         weights = torch.tensor([[float(s.ftr_num) for s in stages], [s.w_D_loss for s in stages],
-                                [s.w_mse for s in stages], [s.w_percep for s in stages]], device=device)
+                                [s.w_mse for s in stages], [s.w_percep for s in stages]],
+                               dtype=self.dtype, device=device)
         return self._loss_terms(weights, active.to(device), active,
                                 use_in if B > 1 else bool(use_in[0]),
                                 self.perceptual is not None and bool((weights[3] > 0).any()))
@@ -275,7 +284,7 @@ class DGP(SettingsAccessors, nn.Module):
             [s.w_mse for s in stages],
             [s.w_percep for s in stages],
             [float(a) for a in active.tolist()],
-        ], dtype=torch.float32)
+        ], dtype=self.dtype)
         rows = to_device_async(host, device)
         flags = [s.use_in for s in stages]
         # One flag for the whole batch when every image agrees: GBlock then needs no mask.
@@ -293,17 +302,22 @@ class DGP(SettingsAccessors, nn.Module):
         ftr_num, w_D, w_mse, w_percep = weights.unbind(0)
         x = self.render(self.z, self.y, use_in)
         x_map = self.degradation.apply(x, ids=self.ids)
-        diff = x_map - self.target
-        mse = diff.pow(2).flatten(1).mean(1)
-        l1 = diff.abs().flatten(1).mean(1)
-        nll = self.z.pow(2).div(2).mean(1)
-        zeros = torch.zeros(B, device=device)
+        zeros = torch.zeros(B, device=device, dtype=self.dtype)
+        # The terms in the reference's order (D features, mse, nll, l1; SPEC §6.2.5): autograd
+        # then sums the gradients that reach x_map in the reference's order too.
         if self.D is not None:
             terms = feature_l1_terms(self._d_features(x_map), self.real_features)
-            keep = torch.arange(terms.shape[1], device=device)[None, :] < ftr_num[:, None]
-            ftr = (terms * keep).sum(1)
+            keep = (torch.arange(terms.shape[1], device=device)[None, :] < ftr_num[:, None]).to(terms.dtype)
+            # Summed one feature at a time from 0, as DiscriminatorLoss does; each image keeps
+            # its own ftr_num first features (a factor of 1 or 0 changes no rounding).
+            ftr = zeros
+            for j in range(terms.shape[1]):
+                ftr = ftr + terms[:, j] * keep[:, j]
         else:
             ftr = zeros
+        mse = mse_per_image(x_map, self.target)
+        nll = self.z.pow(2).div(2).mean(1)
+        l1 = l1_per_image(x_map, self.target)
         percep = self.perceptual(x_map, self.target) if with_percep else zeros
         per_image = w_D * ftr + w_mse * mse + self.settings.w_nll * nll + w_percep * percep
         total = (per_image * active_dev).sum()
@@ -345,21 +359,24 @@ class DGP(SettingsAccessors, nn.Module):
                         f"image {self.ids[b]!r} has no class (-1) and dgp.select_num={s.select_num}: "
                         "the class is chosen by select_z, which needs dgp.select_num >= 2"
                     )
-                z = torch.zeros(dim_z) if s.select_num == 0 else torch.randn(dim_z, generator=gen)
+                z = (torch.zeros(dim_z) if s.select_num == 0
+                     else torch.randn(dim_z, generator=gen, dtype=torch.float32))
                 zs.append(z)
                 ys.append(int(classes[b]))
                 continue
             cand_z, cand_y = [], []
             for _ in range(s.select_num):  # per candidate: z first, then y (SPEC §6.1.3)
-                cand_z.append(torch.randn(dim_z, generator=gen) * s.sample_std)
+                # drawn in float32 whatever the run's dtype: a float64 run starts from the
+                # same latents as a float32 one (docs/faithfulness.md)
+                cand_z.append(torch.randn(dim_z, generator=gen, dtype=torch.float32) * s.sample_std)
                 cand_y.append(int(torch.randint(0, self.G.n_classes, (1,), generator=gen))
                               if select_y else int(classes[b]))
             losses = self.score_candidates(
-                torch.stack(cand_z).to(device), torch.tensor(cand_y, device=device), b)
+                torch.stack(cand_z).to(device, self.dtype), torch.tensor(cand_y, device=device), b)
             best = int(torch.argmin(losses))  # first index on ties, as the reference
             zs.append(cand_z[best])
             ys.append(cand_y[best])
-        return torch.stack(zs).to(device), torch.tensor(ys, dtype=torch.long, device=device)
+        return torch.stack(zs).to(device, self.dtype), torch.tensor(ys, dtype=torch.long, device=device)
 
     @torch.no_grad()
     def score_candidates(self, z: Tensor, y: Tensor, b: int) -> Tensor:
@@ -399,7 +416,7 @@ class DGP(SettingsAccessors, nn.Module):
     # ------------------------------------------------------------------ reporting
     @staticmethod
     def display(x: Tensor) -> Tensor:
-        return ((x.detach().float() + 1) / 2).clamp(0, 1)
+        return ((x.detach() + 1) / 2).clamp(0, 1)
 
     def observation_for_display(self) -> Tensor:
         return self.display(self.target)
@@ -420,7 +437,8 @@ class DGP(SettingsAccessors, nn.Module):
                 "l1_loss_origin": (x - self.target_origin).abs().flatten(1).mean(1) / 2,
             }
         hole = self.degradation.metric_box(*x.shape[-2:]) if self.metric_task == "inpainting" else None
-        out = restoration_metrics(x.detach().float(), self.target_origin.float(), self.metric_task,
+        # In the run's dtype, as the reference hands float32 (float64 runs: float64) to skimage.
+        out = restoration_metrics(x.detach(), self.target_origin, self.metric_task,
                                   hole_box=hole, ssim_data_range=self.ssim_data_range)
         return {k: v for k, v in out.items() if k not in IMAGE_KEYS}
 
@@ -429,7 +447,7 @@ class DGP(SettingsAccessors, nn.Module):
         if self.metric_task != "colorization":
             return {}
         rgb = lab_recombine(self.display(x[b : b + 1]).double(), self.display(self.target_origin[b : b + 1]).double())
-        return {"colorization2": rgb[0].float()}
+        return {"colorization2": rgb[0].to(x.dtype)}
 
     @torch.no_grad()
     def observation_metrics(self, b: int) -> dict[str, float]:

@@ -21,11 +21,18 @@ A LightningModule drives it like this (one ``training_step`` = one Adam step of 
     # at the end:              output, output_ema = method.result()
 
 ``fit_step`` runs those three calls in order for a plain loop, ``run`` the whole fit.
+
+Precision: everything (nets, z, observation, mask, forward model, loss, EMA) runs in the
+observation's dtype, float32 or float64 (``trainer.precision=64-true``; docs/faithfulness.md).
+Random draws (weights, z, ε) are made in float32 whatever that dtype, then cast exactly, so a
+float64 run starts from the numbers of the float32 run of the same seed. To replay recorded
+values instead (the float64 traces of the original, TRACES_F64.md), pass ``perturbations`` and
+call ``load_initial_state`` before the first step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -36,7 +43,15 @@ from PIL import Image, ImageFilter
 from torch import Tensor, nn
 
 from genprior.degradations import MGANPRIOR_GRAY_WEIGHTS, Gray
-from genprior.priors.dip import Downsampler, StackedNets, get_noise, skip, skip_output_size, tv_loss
+from genprior.priors.dip import (
+    Downsampler,
+    StackedNets,
+    get_noise,
+    skip,
+    skip_output_size,
+    to_dtype,
+    tv_loss,
+)
 
 __all__ = [
     "PRESETS",
@@ -70,6 +85,12 @@ TASKS = (
     "colorization",
 )
 _MASKED_TASKS = ("inpainting", "restoration")
+# The SR notebook draws z before building the net; the others build the net first. Seeded
+# construction follows each notebook (the seeds of the float64 traces reproduce their initial
+# weights and z only in these orders, TRACES_F64.md).
+_Z_BEFORE_NET_TASKS = ("super_resolution",)
+# The dtypes a DIP fit computes in (trainer.precision 32-true / 64-true).
+DTYPES = (torch.float32, torch.float64)
 # dip.mask_shape: inpainting's mask from task.mask_path, or a generated centre hole
 MASK_SHAPES = ("file", "dgp_center_hole", "center_square")
 
@@ -292,9 +313,12 @@ def put_in_center(x: Tensor, size: tuple[int, int]) -> Tensor:
 def noisy_observation(
     clean: Tensor, sigma: float = 25.0 / 255.0, generator: torch.Generator | None = None
 ) -> Tensor:
-    """clip(x + N(0, σ²), 0, 1), drawn in float64, not re-quantised (SPEC §8.1)."""
+    """clip(x + N(0, σ²), 0, 1), drawn and added in float64, not re-quantised to 8 bits, rounded
+    to float32 as ``get_noisy_image`` does (SPEC §8.1), returned in ``clean``'s dtype: for a
+    float64 ``clean`` this is the float64 run's observation (TRACES_F64.md, dtype rules)."""
     noise = torch.randn(clean.shape, generator=generator, dtype=torch.float64) * sigma
-    return (clean.double() + noise.to(clean.device)).clamp(0, 1).to(clean.dtype)
+    noisy = (clean.double() + noise.to(clean.device)).clamp(0, 1)
+    return noisy.to(torch.float32).to(clean.dtype)
 
 
 def bernoulli_mask(
@@ -385,10 +409,17 @@ class DIPMethod(nn.Module):
         clean: [B, C, H, W] ground truth for PSNR logging, or None.
         seed: one seed for every image (then an image's result does not depend on its batch) or
             one per image. The net and z of an image are built under ``torch.manual_seed(seed)``
-            in the reference order (net, then z), without touching the global RNG.
+            in the notebook's order (net then z; SR: z then net), in float32, without
+            touching the global RNG.
         net_input: [B, C', H, W] fixed network input for ``input_type='image'`` (flash image).
+        perturbations: the source of ε, called as ``perturbations(step)`` and returning
+            [B, C', H, W] (any float dtype; cast to the run's). It must be a function of the
+            step: ``result()`` calls it again for the last step. None: seeded draws
+            (``drawn_perturbation``). Used to replay recorded perturbations (TRACES_F64.md).
 
-    ``parameters()`` are the stacked network parameters (one Adam over them = B Adams).
+    The run's dtype is the observation's (float32 or float64): mask, clean image, nets, z, the
+    SR downsampler, losses and the EMA follow it. ``parameters()`` are the stacked network
+    parameters (one Adam over them = B Adams).
     """
 
     def __init__(
@@ -400,6 +431,7 @@ class DIPMethod(nn.Module):
         clean: Tensor | None = None,
         seed: int | Sequence[int] = 0,
         net_input: Tensor | None = None,
+        perturbations: Callable[[int], Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.settings = settings
@@ -418,8 +450,12 @@ class DIPMethod(nn.Module):
             raise ValueError(
                 f"final_input must be perturbed or saved, got {settings.final_input!r}"
             )
+        if observation.dtype not in DTYPES:
+            raise ValueError(
+                f"DIP runs in float32 or float64; the observation is {observation.dtype}"
+            )
         b, c, h, w = observation.shape
-        device = observation.device
+        device, dtype = observation.device, observation.dtype
         factor = settings.sr_factor if task == "super_resolution" else 1
         out_h, out_w = h * factor, w * factor
         check_input_size(out_h, out_w, settings)
@@ -436,16 +472,20 @@ class DIPMethod(nn.Module):
                 raise ValueError(
                     f"mask must be [B or 1, 1 or C, {h}, {w}], got {tuple(mask.shape)}"
                 )
-            mask = mask.to(device, observation.dtype)
+            mask = mask.to(device, dtype)
         elif mask is not None:
             raise ValueError(f"task {task!r} takes no mask")
         if clean is not None and tuple(clean.shape) != (b, c, out_h, out_w):
             raise ValueError(
                 f"clean must be [{b}, {c}, {out_h}, {out_w}], got {tuple(clean.shape)}"
             )
+        if clean is not None:
+            clean = clean.to(device, dtype)  # PSNRs compare in float64 anyway (SPEC §7.4)
 
         # Nets and z, built on the CPU under each image's seed (SPEC §3.6: same seed, same
-        # initial weights as the reference; z is drawn right after the net, as in the notebooks).
+        # initial weights as the reference), in the notebook's order (_Z_BEFORE_NET_TASKS).
+        # Weights and a noise z are drawn in float32 in every run (see the module docstring);
+        # a meshgrid z and Lanczos kernels are computed, so a float64 run gets them unrounded.
         if settings.input_type == "image":
             if (
                 net_input is None
@@ -461,29 +501,37 @@ class DIPMethod(nn.Module):
                 raise ValueError("net_input is only used with input_type 'image'")
             in_channels = settings.input_depth
         kwargs = settings.skip_kwargs(in_channels, c)
+
+        def draw_z() -> Tensor | None:
+            if settings.input_type == "image":
+                return None
+            z = get_noise(
+                settings.input_depth,
+                settings.input_type,
+                (out_h, out_w),
+                settings.input_noise_type,
+                settings.input_var,
+                dtype=torch.float32 if settings.input_type == "noise" else dtype,
+            )
+            return z.to(dtype)
+
         built: dict[int, tuple[nn.Module, Tensor | None]] = {}
         for s in dict.fromkeys(seeds):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(s)
-                net = skip(**kwargs)
-                z = None
-                if settings.input_type != "image":
-                    z = get_noise(
-                        settings.input_depth,
-                        settings.input_type,
-                        (out_h, out_w),
-                        settings.input_noise_type,
-                        settings.input_var,
-                    )
+                z_first = task in _Z_BEFORE_NET_TASKS
+                z = draw_z() if z_first else None
+                net = to_dtype(skip(**kwargs, dtype=torch.float32), dtype)
+                if not z_first:
+                    z = draw_z()
             built[s] = (net, z)
         self.nets = StackedNets([built[s][0] for s in seeds], settings.batched_forward)
         self.nets.to(device)
         if net_input is None:
             net_input = torch.cat([built[s][1] for s in seeds])
         # net_input_saved of the notebooks: never modified, never optimised (OPT_OVER = 'net').
-        self.register_buffer(
-            "net_input_saved", net_input.detach().to(device, torch.float32).clone()
-        )
+        self.register_buffer("net_input_saved", net_input.detach().to(device, dtype).clone())
+        self.perturbations = perturbations
         self.register_buffer("observation", observation.detach().clone())
         self.register_buffer("mask", None if mask is None else mask.detach().clone())
         self.register_buffer("clean", None if clean is None else clean.detach().clone())
@@ -492,8 +540,11 @@ class DIPMethod(nn.Module):
         if task == "super_resolution":
             # The model's forward operator: Lanczos2 (phase 0.5, replication pad), fixed. The
             # observation itself was made with PIL's Lanczos3 — a deliberate mismatch (SPEC §5.2).
+            # Built in the run's dtype: a float64 run uses the unrounded kernel (TRACES_F64.md).
             self.downsampler = (
-                Downsampler(c, factor, settings.sr_kernel, phase=0.5, preserve_size=True)
+                Downsampler(
+                    c, factor, settings.sr_kernel, phase=0.5, preserve_size=True, dtype=dtype
+                )
                 .requires_grad_(False)
                 .to(device)
             )
@@ -525,6 +576,43 @@ class DIPMethod(nn.Module):
     def num_images(self) -> int:
         return self.observation.shape[0]
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the whole fit: the observation's (float32 or float64)."""
+        return self.observation.dtype
+
+    @torch.no_grad()
+    def load_initial_state(
+        self,
+        index: int,
+        state_dict: Mapping[str, Tensor] | None = None,
+        net_input: Tensor | None = None,
+    ) -> None:
+        """Replaces image ``index``'s initial weights and/or its fixed input z before the fit.
+
+        ``state_dict`` is in the reference's format (``skip(...).state_dict()``, SPEC §3.5; BN
+        running buffers are ignored), ``net_input`` is z as [1, C', H, W] or [C', H, W]. Both are
+        cast to the run's dtype. Used to start from recorded values (TRACES_F64.md's
+        ``init_state_dict`` and ``net_input``) instead of this image's seeded draws.
+        """
+        if self.last_step >= 0:
+            raise RuntimeError("the initial state can only be replaced before the first step")
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"image index {index} out of range for {self.num_images} images")
+        if state_dict is not None:
+            self.nets.load_state_dict_for(index, state_dict)
+            # The backtracking snapshot starts as the initial weights.
+            for snap, p in zip(self.snapshot, self.nets.parameters()):
+                snap[index].copy_(p[index])
+        if net_input is not None:
+            row = self.net_input_saved[index]
+            if tuple(net_input.shape) not in (tuple(row.shape), (1, *row.shape)):
+                raise ValueError(
+                    f"net_input must be [1, {', '.join(map(str, row.shape))}], "
+                    f"got {tuple(net_input.shape)}"
+                )
+            row.copy_(net_input.reshape(row.shape))
+
     def lr_for_step(self, step: int) -> float:
         """Constant learning rate: no notebook uses a schedule (SPEC §7.5)."""
         return self.settings.lr
@@ -538,13 +626,29 @@ class DIPMethod(nn.Module):
         return torch.optim.Adam(self.parameters_groups(), lr=self.settings.lr)
 
     def perturbation(self, step: int) -> Tensor:
-        """ε of this step, [B, C, H, W] ~ N(0, 1), a function of (image seed, step) only."""
+        """ε of this step, [B, C, H, W], in the run's dtype: from ``perturbations`` when given,
+        else ``drawn_perturbation``."""
+        z = self.net_input_saved
+        if self.perturbations is None:
+            return self.drawn_perturbation(step).to(z.dtype)
+        eps = self.perturbations(step)
+        if tuple(eps.shape) != tuple(z.shape):
+            raise ValueError(
+                f"perturbations({step}) has shape {tuple(eps.shape)}, expected {tuple(z.shape)}"
+            )
+        return eps.to(z.device, z.dtype)
+
+    def drawn_perturbation(self, step: int) -> Tensor:
+        """Seeded ε ~ N(0, 1), float32 [B, C, H, W], a function of (image seed, step) only.
+
+        Drawn in float32 in every run, so a float64 run perturbs with the float32 run's ε.
+        """
         z = self.net_input_saved
         key = str(z.device)
         if key not in self._generators:
             self._generators[key] = torch.Generator(device=z.device)
         gen = self._generators[key]
-        eps = torch.empty_like(z)
+        eps = torch.empty(z.shape, dtype=torch.float32, device=z.device)
         if len(set(self.seeds)) == 1:
             gen.manual_seed(_step_seed(self.seeds[0], step))
             eps[:1].normal_(generator=gen)
@@ -556,9 +660,13 @@ class DIPMethod(nn.Module):
         return eps
 
     def network_input(self, step: int) -> Tensor:
-        """z̃ = z + σ_p·ε at this step (z itself when reg_noise_std = 0)."""
+        """z̃ = z + σ_p·ε at this step (z itself when reg_noise_std = 0).
+
+        The notebooks' ``net_input_saved + (noise.normal_() * reg_noise_std)``: the product
+        first, then the sum (the same rounding).
+        """
         if self.settings.reg_noise_std > 0:
-            return self.net_input_saved + self.settings.reg_noise_std * self.perturbation(step)
+            return self.net_input_saved + self.perturbation(step) * self.settings.reg_noise_std
         return self.net_input_saved
 
     def degrade(self, x: Tensor) -> Tensor:
@@ -610,7 +718,7 @@ class DIPMethod(nn.Module):
             logs["psnr_gt"] = psnr(self.clean, detached)
             if self.output_ema is not None:
                 logs["psnr_gt_ema"] = psnr(self.clean, self.output_ema)
-        logs["fell_back"] = self._decide_backtracking(logs["psnr_observed"]).float()
+        logs["fell_back"] = self._decide_backtracking(logs["psnr_observed"]).to(loss.dtype)
         return loss.sum(), logs
 
     def _decide_backtracking(self, psnr_observed: Tensor) -> Tensor:

@@ -6,6 +6,11 @@ gives it the interface the module and callbacks use (the same as DGP's): one sta
 records. ``DIPRunner`` turns loaded images into observations (AWGN for denoising, PIL-Lanczos
 LR images for super-resolution, a mask image for inpainting, the image itself for JPEG
 artifact removal) and fits them through ``genprior.train.run_batches``.
+
+Observations are made in float32 exactly as the notebooks make them (uint8 / 255 in float32,
+noise added, LR images resized), then cast to the run's dtype (``trainer.precision``): with
+``64-true`` the nets, z, observation, mask, forward model, losses, EMA and Adam state are all
+float64 (TRACES_F64.md, dtype rules).
 """
 
 from __future__ import annotations
@@ -22,8 +27,20 @@ from torch import Tensor
 
 from genprior.methods.dip import MASK_SHAPES, DIPMethod, DIPSettings, crop_tensor_to_multiple, psnr
 from genprior.metrics import ssim
+from genprior.precision import run_dtype
 from genprior.schedule import Progress, Stage
 from genprior.train import ImageItem, image_generator, run_batches
+
+
+def unit_range(image: Tensor) -> Tensor:
+    """A loaded image ([-1, 1] float32, u8 / 255 normalised) as the notebooks' ``pil_to_np``
+    gives it: u8 / 255 in float32, bit for bit.
+
+    Mapping back with (x + 1) / 2 is one ulp off for 63 of the 256 values, so the 8-bit values
+    are recovered first (exactly: they are within 1e-5 of integers after the scaling).
+    """
+    u8 = ((image.to(torch.float32) + 1) * 127.5).round().clamp(0, 255)
+    return u8 / 255
 
 
 @dataclass
@@ -106,7 +123,7 @@ class DIPFit:
 
     @staticmethod
     def display(x: Tensor) -> Tensor:
-        return x.detach().float().clamp(0, 1)
+        return x.detach().clamp(0, 1)  # in the run's dtype; the PNG writer quantises
 
     def observation_for_display(self) -> Tensor:
         return self._observation_display
@@ -149,7 +166,8 @@ class DIPFit:
             # notebook's baseline); observation_psnr above is the nearest-neighbour one.
             from genprior.methods.dip import sr_baselines
 
-            lr = self.dip.observation[b].detach().float().cpu().clamp(0, 1)
+            # values k/255 in any dtype: * 255 and round give back the uint8 LR image exactly
+            lr = self.dip.observation[b].detach().cpu().clamp(0, 1)
             lr_img = Image.fromarray((lr.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
             bicubic = sr_baselines(lr_img, (clean.shape[-1], clean.shape[-2]))["bicubic"]
             out["bicubic_psnr"] = float(psnr(clean[b : b + 1].cpu(), bicubic[None].to(clean.dtype))[0])
@@ -167,15 +185,18 @@ class DIPRunner:
 
         self.cfg = cfg
         self.device = pick_device(cfg)
+        self.dtype = run_dtype(cfg)  # float64 for trainer.precision=64-true
         self.settings = DIPSettings(**OmegaConf.to_container(cfg.dip, resolve=True))  # type: ignore[arg-type]
 
     def _observation(self, clean: Tensor, item: ImageItem) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
-        """(observation, mask, ground truth, observation shown next to the result) for one image."""
+        """(observation, mask, ground truth, observation shown next to the result) for one image,
+        in float32 as the notebooks make them (``prepare`` casts them to the run's dtype)."""
         s = self.settings
         task = s.task
         if task == "denoising":
             gen = image_generator(int(self.cfg.seed), item.id)
-            noisy = (clean + torch.randn(clean.shape, generator=gen) * s.noise_std).clamp(0, 1)
+            noise = torch.randn(clean.shape, generator=gen, dtype=torch.float32)
+            noisy = (clean + noise * s.noise_std).clamp(0, 1)
             return noisy, None, clean, noisy
         if task == "super_resolution":
             f = int(s.sr_factor)
@@ -196,10 +217,11 @@ class DIPRunner:
         if task in ("inpainting", "restoration"):
             if task == "restoration":
                 gen = image_generator(int(self.cfg.seed), item.id)
-                mask = (torch.rand(clean.shape[-2:], generator=gen) > s.mask_keep_above).float()[None]
+                draw = torch.rand(clean.shape[-2:], generator=gen, dtype=torch.float32)
+                mask = (draw > s.mask_keep_above).to(torch.float32)[None]
             elif s.mask_shape != "file":
                 top, bottom, left, right = self.hole_box(*clean.shape[-2:])
-                mask = torch.ones(1, *clean.shape[-2:])
+                mask = torch.ones(1, *clean.shape[-2:], dtype=torch.float32)
                 mask[:, top:bottom, left:right] = 0.0
             else:
                 path = self.cfg.task.mask_path
@@ -228,7 +250,7 @@ class DIPRunner:
     def prepare(self, batch: list[ImageItem]) -> DIPFit:
         obs, masks, cleans, shown = [], [], [], []
         for item in batch:
-            x01 = ((item.image + 1) / 2).clamp(0, 1)  # loaded in [-1, 1]; DIP works in [0, 1]
+            x01 = unit_range(item.image)
             x01 = crop_tensor_to_multiple(x01[None], int(self.settings.crop_multiple))[0]
             o, m, c, d = self._observation(x01, item)
             obs.append(o)
@@ -237,12 +259,14 @@ class DIPRunner:
             shown.append(d)
         if len({tuple(o.shape) for o in obs}) > 1:
             raise ValueError("images of different sizes cannot share a DIP batch; use trainer.batch_size=1")
-        observation = torch.stack(obs).to(self.device)
-        mask = torch.stack(masks).to(self.device) if masks[0] is not None else None
-        clean = torch.stack(cleans).to(self.device) if cleans[0] is not None else None
+        # The one cast to the run's dtype; DIPMethod computes in the observation's dtype.
+        device, dtype = self.device, self.dtype
+        observation = torch.stack(obs).to(device, dtype)
+        mask = torch.stack(masks).to(device, dtype) if masks[0] is not None else None
+        clean = torch.stack(cleans).to(device, dtype) if cleans[0] is not None else None
         seed = int(self.cfg.seed)
-        dip = DIPMethod(self.settings, None, observation, mask=mask, clean=clean, seed=seed).to(self.device)
-        return DIPFit(dip, [item.id for item in batch], torch.stack(shown).to(self.device),
+        dip = DIPMethod(self.settings, None, observation, mask=mask, clean=clean, seed=seed).to(device)
+        return DIPFit(dip, [item.id for item in batch], torch.stack(shown).to(device, dtype),
                       hole_box=self.hole_box(*observation.shape[-2:]),
                       ssim_data_range=float(self.settings.ssim_data_range))
 

@@ -23,6 +23,14 @@ x = G(z) exactly, whatever the composing layer.
 
 The method has DGP's interface (``genprior.methods.dgp``) so that ``Reconstruction`` and the
 output callbacks drive it unchanged; ``make_optimizer`` supplies SGD instead of Adam.
+
+Precision. The method computes in its generator's dtype (``MGANPrior.dtype``): float64 for
+``trainer.precision=64-true``, where codes, importances, targets, masks, the VGG term, the
+losses and the optimizer run in float64 end to end. The reference reads targets and masks with
+torchvision's ``to_tensor`` in the default dtype, so a float64 run of it divides the uint8
+pixels by 255 in float64 (TRACES_F64.md, dtype rules), where DGP and DIP divide in float32 and
+cast. genprior's loaders hand over float32 images (uint8 / 255 in float32, then normalised);
+``images_in_dtype`` recovers their exact uint8 values and repeats the division in float64.
 """
 
 from __future__ import annotations
@@ -60,11 +68,13 @@ from genprior.schedule import Progress, Stage
 
 __all__ = [
     "MGAN_TASKS",
+    "MGANMaskImage",
     "MGANPrior",
     "MGANSettings",
     "MGANStepRecord",
     "VGGFeatureLoss",
     "build_mgan_degradation",
+    "images_in_dtype",
     "ycbcr_recombine",
 ]
 
@@ -148,6 +158,11 @@ class VGGFeatureLoss(nn.Module):
     φ(x) = VGG-16 ``features`` up to ``layer`` of nearest-resize(normalize(x·0.5 + 0.5)), with
     the ImageNet mean/std and resize to ``image_size``. ``relu3_3`` is the code's
     ``--vgg_layer 16`` (the first 16 modules); the paper names conv4_3.
+
+    ``features`` is any stack of modules (``from_file`` loads torchvision's VGG-16). The network
+    computes in the dtype it is moved to; the ImageNet mean/std are made from the Python
+    constants in the input's dtype, as the reference's ``torch.Tensor([0.485, ...])`` is in the
+    default dtype (float64 in a float64 run, not float32 values widened).
     """
 
     def __init__(
@@ -166,8 +181,9 @@ class VGGFeatureLoss(nn.Module):
         self.image_size = int(image_size)
         self.loss_type = loss_type
         self.scale = float(scale)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        # (device, dtype) -> (mean, std) [1, 3, 1, 1]; not buffers, which .to(float64) would
+        # widen from float32 instead of making from the decimal constants.
+        self._normalization: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
 
     @classmethod
     def from_file(cls, weights: str | Path | None, layer: str = "relu3_3", **kwargs: Any) -> VGGFeatureLoss:
@@ -178,8 +194,18 @@ class VGGFeatureLoss(nn.Module):
             raise FileNotFoundError(f"{what}. {VGG_WEIGHTS_HELP}")
         return cls(load_vgg16_features(weights, VGG16_LAYERS[layer]), **kwargs)
 
+    def normalization(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        """The ImageNet mean and std as [1, 3, 1, 1] tensors on ``like``'s device and dtype."""
+        key = (like.device, like.dtype)
+        if key not in self._normalization:
+            mean = torch.tensor(IMAGENET_MEAN, dtype=like.dtype).view(1, 3, 1, 1)
+            std = torch.tensor(IMAGENET_STD, dtype=like.dtype).view(1, 3, 1, 1)
+            self._normalization[key] = (mean.to(like.device), std.to(like.device))
+        return self._normalization[key]
+
     def features_of(self, x: Tensor) -> Tensor:
-        h = (x * 0.5 + 0.5).sub(self.mean).div(self.std)
+        mean, std = self.normalization(x)
+        h = (x * 0.5 + 0.5).sub(mean).div(std)
         return self.features(F.interpolate(h, size=self.image_size, mode="nearest"))
 
     def forward(self, x: Tensor, target_features: Tensor) -> Tensor:
@@ -189,8 +215,58 @@ class VGGFeatureLoss(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# Degradations and the colorization result
+# Degradations, images in the run's dtype, and the colorization result
 # --------------------------------------------------------------------------------------------
+
+
+class MGANMaskImage(MaskImage):
+    """mGANprior's mask file (SPEC §3.5): white marks **missing** pixels, no resizing, RGB(A)
+    reduced to its first 3 channels, and the loss sees x · (1 − m).
+
+    m is the file's uint8 / 255 in the images' dtype, as the reference's ``parsing_mask`` gets
+    it from ``to_tensor`` in the default dtype (TRACES_F64.md, dtype rules). float32 images take
+    ``MaskImage``'s float32 path (the same numbers); float64 images get 1 − u8/255 computed in
+    float64. The difference is real: the released masks have anti-aliased edges (mask-1.png
+    has 2952 pixels strictly between 0 and 1), where float32 rounding of m would show.
+    """
+
+    def __init__(self, path: str | Path, value_range: tuple[float, float] = (-1.0, 1.0)) -> None:
+        super().__init__(path, white_is_known=False, resize="error", value_range=value_range)
+        self._wide: dict[tuple[Any, ...], Tensor] = {}
+
+    def known_mask(self, x: Tensor, ids: Any = None) -> Tensor:
+        narrow = super().known_mask(x, ids)  # MaskImage's size and channel checks, cached
+        if x.dtype != torch.float64:
+            return narrow
+        key = (*x.shape[-2:], x.device, x.dtype)
+        if key not in self._wide:
+            pixels = np.asarray(self._image, dtype=np.uint8)
+            pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+            missing = torch.from_numpy(pixels.copy()).to(torch.float64).div(255)
+            self._wide[key] = (1 - missing)[None].to(x.device)
+        return self._wide[key]
+
+
+def images_in_dtype(images: Tensor, dtype: torch.dtype) -> Tensor:
+    """Preprocessed [-1, 1] images in ``dtype``, as mGANprior's reference would have read them.
+
+    The reference's targets are ``(to_tensor(uint8) − 0.5) · 2`` with ``to_tensor`` dividing by
+    255 in the default dtype (TRACES_F64.md, dtype rules): in a float64 run the target is
+    ``(u8.double() / 255 − 0.5) · 2``, not float32 values widened (those differ by ~1e-8).
+    genprior's loaders produce float32 ``(u8 / 255 − 0.5) / 0.5`` (``image_io.to_tensor``);
+    when float64 is asked for and the float32 images are exactly such uint8 images, the pixel
+    values are recovered (exactly: float32 is far finer than 1/255) and divided again in
+    float64. Any other float32 input (not from 8-bit pixels) is widened as it is, and images
+    already in ``dtype`` are returned unchanged, so the Python API takes float64 targets as given.
+    """
+    if images.dtype == dtype:
+        return images
+    if dtype != torch.float64 or images.dtype != torch.float32:
+        return images.to(dtype)
+    pixels = ((images.double() + 1) / 2 * 255).round().clamp(0, 255)
+    if not torch.equal(pixels.float().div(255).sub(0.5).div(0.5), images):
+        return images.double()
+    return (pixels / 255 - 0.5) * 2
 
 
 def build_mgan_degradation(
@@ -222,7 +298,7 @@ def build_mgan_degradation(
         if not mask_path:
             raise ValueError("task.name=mask_image needs task.mask_path=<mask PNG, white = missing>")
         # mGANprior's masks mark missing pixels white and are used at the image size as they are.
-        image_mask = MaskImage(mask_path, white_is_known=False, resize="error")
+        image_mask = MGANMaskImage(mask_path)
         image_mask.mask_array(resolution, resolution)
         return image_mask
     if kind == "sr":
@@ -240,9 +316,13 @@ def ycbcr_recombine(result: Tensor, target: Tensor) -> Tensor:
 
     Both [B, 3, H, W] in [0, 1]. Like the reference, the result goes to uint8 by truncation, the
     target's pixels are its original uint8 values, and the YCbCr conversions are PIL's (JPEG,
-    full range). Returns [B, 3, H, W] float32 in [0, 1] on ``result``'s device.
+    full range). Returns [B, 3, H, W] in [0, 1] on ``result``'s device, in float32 (float64 for
+    a float64 result).
     """
-    out_u8 = truncate_to_uint8(result.detach().float().clamp(0, 1)).permute(0, 2, 3, 1).cpu().numpy()
+    # Truncated in float32, or in float64 for a float64 run: the reference's to_pil_image
+    # multiplies by 255 in its tensor's (the default) dtype.
+    work = result.detach().to(torch.promote_types(result.dtype, torch.float32))
+    out_u8 = truncate_to_uint8(work.clamp(0, 1)).permute(0, 2, 3, 1).cpu().numpy()
     tgt_u8 = (target.detach().double().clamp(0, 1) * 255).round().to(torch.uint8)
     tgt_u8 = tgt_u8.permute(0, 2, 3, 1).cpu().numpy()
     merged = []
@@ -251,7 +331,7 @@ def ycbcr_recombine(result: Tensor, target: Tensor) -> Tensor:
         y, _, _ = Image.fromarray(tgt).convert("YCbCr").split()
         merged.append(np.asarray(Image.merge("YCbCr", (y, cb, cr)).convert("RGB")))
     rgb = torch.from_numpy(np.stack(merged)).permute(0, 3, 1, 2)
-    return rgb.to(device=result.device, dtype=torch.float32).div(255)
+    return rgb.to(device=result.device, dtype=work.dtype).div(255)
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,7 +366,16 @@ class MGANPrior(SettingsAccessors, nn.Module):
         self.channels = G.feature_shape(self.layer)[0]
         if settings.vgg_lambda > 0 and perceptual is None:
             raise ValueError("mganprior.vgg_lambda > 0 needs the VGG-16 network; " + VGG_WEIGHTS_HELP)
+        if perceptual is not None and {p.dtype for p in perceptual.parameters()} - {G.dtype}:
+            raise ValueError(f"the VGG network's dtype must be the generator's ({G.dtype}): move it "
+                             "with .to(dtype), as the runner does for trainer.precision")
         self.batch_size = 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of codes, importances, targets, losses and metrics: G's (float64 for
+        ``trainer.precision=64-true``)."""
+        return self.G.dtype
 
     # ------------------------------------------------------------------ per-batch set-up
     def start(
@@ -297,26 +386,37 @@ class MGANPrior(SettingsAccessors, nn.Module):
         generators: list[torch.Generator],
         initial_z: Tensor | None = None,
     ) -> None:
-        """New batch: observations, fresh codes from each image's own RNG stream, α = 1/N."""
+        """New batch: observations, fresh codes from each image's own RNG stream, α = 1/N.
+
+        ``images`` are [-1, 1]; float32 ones from genprior's loaders are brought to the
+        method's dtype as the reference reads them (``images_in_dtype``). ``initial_z``
+        ([B, N, z_dim], any float dtype) replaces the drawn codes.
+        """
         s = self.settings
+        dtype = self.dtype
         B = images.shape[0]
         device = images.device
+        images = images_in_dtype(images, dtype)
         self.batch_size = B
         self.ids = list(ids)
         self.target_origin = images
         self.target = self.degradation.target(images, ids=self.ids)
         shape = (s.z_number, self.G.z_dim)
         if initial_z is not None:
-            z = initial_z.to(device=device, dtype=torch.float32).clone()
+            z = initial_z.to(device=device, dtype=dtype).clone()
         elif s.init_type == "Zero":
-            z = torch.zeros(B, *shape, device=device)
+            z = torch.zeros(B, *shape, device=device, dtype=dtype)
         else:
-            z = torch.stack([torch.randn(*shape, generator=generators[b]) for b in range(B)]).to(device)
+            # drawn in float32 whatever the run's dtype: a float64 run starts from the codes of
+            # a float32 run (the reference's own draw is unseeded, SPEC §3.1)
+            z = torch.stack([torch.randn(*shape, generator=generators[b], dtype=torch.float32)
+                             for b in range(B)]).to(device, dtype)
         if tuple(z.shape) != (B, *shape):
             raise ValueError(f"initial z must have shape {(B, *shape)}; got {tuple(z.shape)}")
+        # 1/N as a Python double, then in the run's dtype: the reference's torch.full(1/N)
         alpha0 = 1.0 / s.z_number if s.alpha_init is None else float(s.alpha_init)
         self.z = z.detach().clone().requires_grad_(True)
-        self.alpha = torch.full((B, s.z_number, self.channels), alpha0, device=device)
+        self.alpha = torch.full((B, s.z_number, self.channels), alpha0, device=device, dtype=dtype)
         self.alpha.requires_grad_(s.train_alpha)
         self.target_features: Tensor | None = None
         if self.perceptual is not None:
@@ -361,7 +461,7 @@ class MGANPrior(SettingsAccessors, nn.Module):
         diff = x_map - self.target
         l2 = diff.square().flatten(1).mean(1)
         l1 = diff.abs().flatten(1).mean(1)
-        vgg = torch.zeros(B, device=device)
+        vgg = torch.zeros(B, device=device, dtype=x.dtype)
         if self.perceptual is not None and s.vgg_lambda > 0:
             assert self.target_features is not None
             vgg = self.perceptual(x_map, self.target_features)
@@ -387,9 +487,9 @@ class MGANPrior(SettingsAccessors, nn.Module):
         return {"z": self.z[b].detach().cpu().clone(), "alpha": self.alpha[b].detach().cpu().clone(),
                 "composing_layer": torch.tensor(self.layer)}
 
-    @staticmethod
-    def display(x: Tensor) -> Tensor:
-        return ((x.detach().float() + 1) / 2).clamp(0, 1)
+    def display(self, x: Tensor) -> Tensor:
+        """[-1, 1] -> [0, 1] in the method's dtype (float32, or float64 for a float64 run)."""
+        return ((x.detach().to(self.dtype) + 1) / 2).clamp(0, 1)
 
     def observation_for_display(self) -> Tensor:
         obs = self.target

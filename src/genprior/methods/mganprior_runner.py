@@ -1,4 +1,9 @@
-"""Builds mGANprior from a config (``prior.kind=pggan``) and fits batches through train.py."""
+"""Builds mGANprior from a config (``prior.kind=pggan``) and fits batches through train.py.
+
+The PGGAN and the VGG of the perceptual term are built in the run's dtype
+(``trainer.precision``; ``genprior.precision.run_dtype``); the method follows its generator's
+dtype, so ``64-true`` runs mGANprior in float64 end to end.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from genprior.methods.mganprior import (
     VGGFeatureLoss,
     build_mgan_degradation,
 )
+from genprior.precision import run_dtype
 from genprior.priors.pggan import PGGANGenerator
 from genprior.train import ImageItem, image_generator, run_batches
 
@@ -30,6 +36,8 @@ def settings_from_config(m: Any) -> MGANSettings:
 
 
 def load_pggan_prior(cfg: DictConfig, device: torch.device) -> PGGANGenerator:
+    """The configured PGGAN on ``device`` in the run's dtype (float32 weights copied exactly
+    into a float64 network for ``trainer.precision=64-true``)."""
     from genprior.priors.pggan_checkpoints import get_entry, load_pggan
 
     p = cfg.prior
@@ -37,10 +45,11 @@ def load_pggan_prior(cfg: DictConfig, device: torch.device) -> PGGANGenerator:
     if int(p.resolution) != entry.resolution:
         raise ValueError(f"prior.resolution={p.resolution} but {p.name} is a {entry.resolution}-pixel "
                          f"model; set prior.resolution={entry.resolution} (or pick another prior)")
+    dtype = run_dtype(cfg)
     if p.weights == "random":
-        G = load_pggan(str(p.name), random_init_seed=int(p.init_seed))
+        G = load_pggan(str(p.name), random_init_seed=int(p.init_seed), dtype=dtype)
     elif p.weights == "pretrained":
-        G = load_pggan(str(p.name), weights_dir=p.weights_dir, path=p.G_path)
+        G = load_pggan(str(p.name), weights_dir=p.weights_dir, path=p.G_path, dtype=dtype)
     else:
         raise ValueError(f"prior.weights must be 'pretrained' or 'random', got {p.weights!r}")
     return G.to(device)
@@ -68,7 +77,7 @@ class MGANRunner:
             perceptual = VGGFeatureLoss.from_file(
                 m.vgg_weights, str(m.vgg_layer), image_size=int(m.image_size),
                 loss_type=str(m.vgg_loss_type), scale=float(m.vgg_scale),
-            ).to(self.device)
+            ).to(self.device, run_dtype(cfg))
         G = load_pggan_prior(cfg, self.device)
         self.method = MGANPrior(G, settings, degradation, perceptual=perceptual, task=task,
                                 ssim_data_range=float(m.ssim_data_range),

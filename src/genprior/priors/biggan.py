@@ -56,8 +56,6 @@ __all__ = [
     "build_discriminator",
     "build_generator",
     "cache_frozen_spectral_norms",
-    "d_feature_loss",
-    "feature_l1_terms",
     "fused_attention",
     "orthogonal_init_",
     "stack_per_image",
@@ -131,29 +129,39 @@ class _SpectralNorm:
         return value
 
     def _sn_weight(self) -> Tensor:
-        weight, u0, eps = self.weight, self.u0, self.sn_eps
+        weight, u0 = self.weight, self.u0
         w_stacked = weight.dim() == self._weight_ndim + 1
         if not w_stacked and u0.dim() == 2:
-            w_mat = weight.reshape(weight.shape[0], -1)
-            with torch.no_grad():
-                v = F.normalize(torch.matmul(u0, w_mat), eps=eps)
-                u = F.normalize(torch.matmul(v, w_mat.t()), eps=eps)
-                if self.training:
-                    u0.copy_(u)
-            # u and v are constants, W is not: the gradient includes the d(1/sigma) term.
-            sigma = torch.squeeze(torch.matmul(torch.matmul(v, w_mat.t()), u.t()))
-            if self.training:
-                with torch.no_grad():
-                    self.sv0.copy_(sigma)
-            return weight / sigma
+            return weight / self._sigma_2d(weight.reshape(weight.shape[0], -1), update=self.training)
+        if w_stacked and weight.shape[0] == 1 and u0.dim() == 2:
+            # One image: the reference's 2-D products on its matrix, not a batched matmul
+            # (another summation order), so that B = 1 computes what the reference computes.
+            # A shared u0 is not written by a stacked weight (module docstring).
+            return weight / self._sigma_2d(weight[0].reshape(weight.shape[1], -1), update=False)
         return weight / self._stacked_sigma().reshape(-1, *([1] * self._weight_ndim))
+
+    def _sigma_2d(self, w_mat: Tensor, update: bool) -> Tensor:
+        """The reference's power iteration from u0 on an [out, rest] matrix: a 0-dim sigma,
+        differentiable in W; ``update`` (train mode) writes u0 and sv0 as the reference does."""
+        u0, eps = self.u0, self.sn_eps
+        with torch.no_grad():
+            v = F.normalize(torch.matmul(u0, w_mat), eps=eps)
+            u = F.normalize(torch.matmul(v, w_mat.t()), eps=eps)
+            if update:
+                u0.copy_(u)
+        # u and v are constants, W is not: the gradient includes the d(1/sigma) term.
+        sigma = torch.squeeze(torch.matmul(torch.matmul(v, w_mat.t()), u.t()))
+        if update:
+            with torch.no_grad():
+                self.sv0.copy_(sigma)
+        return sigma
 
     def _stacked_sigma(self) -> Tensor:
         """sigma(W_b) of a stacked weight [B, *shape] as a [B] vector, differentiable in W."""
         weight, u0, eps = self.weight, self.u0, self.sn_eps
         # One power iteration per image. A shared u0 [1, out] broadcasts over the images.
         w_mat = weight.reshape(*weight.shape[: weight.dim() - self._weight_ndim + 1], -1)
-        # B = 1 keeps the matmul: its sums are the reference fixtures' (tests/test_dgp_pipeline.py).
+        # (One image with a shared u0 takes the reference's 2-D products, _sn_weight.)
         if (w_mat.dim() == 3 and w_mat.shape[0] > 1 and w_mat.device.type == "cpu" and self.cpu_gemv
                 and w_mat[0].numel() >= self.cpu_gemv_min_elements):
             return self._sigma_gemv(w_mat, u0, eps)
@@ -214,9 +222,10 @@ class _SpectralNorm:
 
 
 def _divide_per_image(out: Tensor, sigma: Tensor) -> Tensor:
-    """out [B, C, ...] / sigma [B] in fp32, back in out's dtype (bf16 under autocast)."""
+    """out [B, C, ...] / sigma [B] in sigma's dtype (fp32 when out is bf16 under autocast;
+    float64 in a float64 run), back in out's dtype."""
     scale = sigma.reshape(-1, *([1] * (out.dim() - 1)))
-    return (out.float() / scale).to(out.dtype)
+    return (out.to(torch.promote_types(out.dtype, sigma.dtype)) / scale).to(out.dtype)
 
 
 def _check_images(x: Tensor, n_images: int, what: str) -> None:
@@ -288,6 +297,9 @@ class SNLinear(_SpectralNorm, nn.Linear):
             out = _divide_per_image(self._stacked_linear(x, self.weight), self.output_sigma())
             return out if self.bias is None else out + self.bias
         weight, bias = self.sn_weight(), self.bias
+        if weight.dim() == 3 and weight.shape[0] == 1:
+            # One image: the reference's F.linear (one addmm), not a batched matmul.
+            weight, bias = weight[0], (bias[0] if bias is not None and bias.dim() == 2 else bias)
         if weight.dim() == 2 and (bias is None or bias.dim() == 1):
             return F.linear(x, weight, bias)
         out = F.linear(x, weight) if weight.dim() == 2 else self._stacked_linear(x, weight)
@@ -845,7 +857,7 @@ class Generator(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# Discriminator and the D-feature loss
+# Discriminator (its features make the D-feature loss, genprior.losses)
 # --------------------------------------------------------------------------------------------
 
 
@@ -900,35 +912,6 @@ class Discriminator(nn.Module):
         if y is not None:  # projection term; DGP never passes y
             out = out + torch.sum(self.embed(y) * pooled, 1, keepdim=True)
         return out, features
-
-
-def feature_l1_terms(fake_feats: Sequence[Tensor], real_feats: Sequence[Tensor]) -> Tensor:
-    """Per-image mean |fake - real| of every D feature, ordered from the end: [B, n_feat].
-
-    Column 0 is the pooled vector, column 1 relu(last block output), ... (SPEC §4). Each mean
-    runs over one image's elements only, so a batch gives B independent values. A real
-    feature list with batch 1 broadcasts against a fake batch.
-    """
-    if len(fake_feats) != len(real_feats):
-        raise ValueError(f"{len(fake_feats)} fake features vs {len(real_feats)} real features")
-    terms = [
-        (fake - real).abs().flatten(1).mean(1)
-        for fake, real in zip(reversed(fake_feats), reversed(real_feats))
-    ]
-    return torch.stack(terms, 1)
-
-
-def d_feature_loss(
-    fake_feats: Sequence[Tensor], real_feats: Sequence[Tensor], ftr_num: int
-) -> Tensor:
-    """DGP's DiscriminatorLoss: per image, the sum of the last ``ftr_num`` L1 terms -> [B]."""
-    if not 1 <= ftr_num <= len(fake_feats):
-        raise ValueError(f"ftr_num must be in 1..{len(fake_feats)}, got {ftr_num}")
-    terms = feature_l1_terms(fake_feats[-ftr_num:], real_feats[-ftr_num:])
-    loss = terms[:, 0]
-    for j in range(1, ftr_num):  # summed one by one, in the reference's order
-        loss = loss + terms[:, j]
-    return loss
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,13 +13,18 @@ Two ways to run the network:
 * ``StackedNets`` runs B independent copies of one architecture with *stacked* parameters
   (leading image dimension) through ``torch.func.functional_call`` + ``torch.vmap``, so every
   image sees exactly what a batch-1 network would see (BN statistics of its own image).
+
+Builders take an optional ``dtype`` (PyTorch's factory argument; None is the default dtype, as
+in the reference). ``skip(..., dtype=torch.float64)`` under ``torch.manual_seed(s)`` draws the
+very weights of the reference run with ``torch.set_default_dtype(torch.float64)``, the setting
+of the float64 traces (TRACES_F64.md); float32 and float64 draws of one seed differ.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,6 +45,7 @@ __all__ = [
     "get_noise",
     "skip",
     "skip_output_size",
+    "to_dtype",
     "tv_loss",
 ]
 
@@ -121,6 +127,7 @@ class Downsampler(nn.Module):
         support: float | None = None,
         sigma: float | None = None,
         preserve_size: bool = False,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if kernel_type in _KERNEL_PRESETS:
@@ -140,17 +147,31 @@ class Downsampler(nn.Module):
         k = self.kernel.shape[0]
         # Creating the Conv2d draws its default init from the global RNG before the weights are
         # overwritten; that draw is part of the reference construction order (SPEC §3.6).
-        self.downsampler_ = nn.Conv2d(n_planes, n_planes, kernel_size=k, stride=factor, padding=0)
-        with torch.no_grad():
-            self.downsampler_.weight.zero_()
-            self.downsampler_.bias.zero_()
-            kernel32 = torch.from_numpy(self.kernel).to(torch.float32)
-            for p in range(n_planes):
-                self.downsampler_.weight[p, p] = kernel32
+        self.downsampler_ = nn.Conv2d(
+            n_planes, n_planes, kernel_size=k, stride=factor, padding=0, dtype=dtype
+        )
+        self.write_kernel_()
         # Odd kernels pad symmetrically by (K−1)/2; even (phase 0.5) kernels by (K−f)/2, so
         # output pixel j is centred on input block [j·f, j·f + f − 1] (SPEC §5.2).
         self.pad = ((k - 1) // 2 if k % 2 == 1 else (k - factor) // 2) if preserve_size else 0
         self.preserve_size = preserve_size
+
+    @torch.no_grad()
+    def write_kernel_(self) -> None:
+        """(Re)writes the float64 kernel onto the plane-to-plane diagonal, zero elsewhere and a
+        zero bias, rounded once to the conv's current dtype.
+
+        The reference casts the kernel to its Conv2d's dtype: float32 in the notebooks (SPEC
+        §5.2), float64 — unrounded — in a float64 run (TRACES_F64.md). Call it after casting a
+        freshly built downsampler (``to_dtype`` does), because casting a float32 conv to
+        float64 would keep the float32-rounded kernel.
+        """
+        weight = self.downsampler_.weight
+        weight.zero_()
+        self.downsampler_.bias.zero_()
+        kernel = torch.from_numpy(self.kernel).to(weight.dtype)
+        for p in range(weight.shape[0]):
+            weight[p, p] = kernel
 
     def forward(self, x: Tensor) -> Tensor:
         if self.preserve_size:
@@ -185,9 +206,9 @@ def act(act_fun: str | type[nn.Module] = "LeakyReLU") -> nn.Module:
     raise ValueError(f"unknown activation {act_fun!r} (LeakyReLU, Swish, ELU, none)")
 
 
-def bn(num_features: int) -> nn.BatchNorm2d:
+def bn(num_features: int, dtype: torch.dtype | None = None) -> nn.BatchNorm2d:
     """PyTorch-default BatchNorm2d (SPEC §2.2)."""
-    return nn.BatchNorm2d(num_features)
+    return nn.BatchNorm2d(num_features, dtype=dtype)
 
 
 def conv(
@@ -198,6 +219,7 @@ def conv(
     bias: bool = True,
     pad: str = "zero",
     downsample_mode: str = "stride",
+    dtype: torch.dtype | None = None,
 ) -> nn.Sequential:
     """[pad] → Conv2d → [downsampler], children numbered from "0" (SPEC §2.1)."""
     downsampler: nn.Module | None = None
@@ -208,7 +230,9 @@ def conv(
             downsampler = nn.MaxPool2d(stride, stride)
         elif downsample_mode in ("lanczos2", "lanczos3"):
             # Built before the Conv2d: its own Conv2d's init draw comes first (SPEC §3.6).
-            downsampler = Downsampler(out_f, stride, downsample_mode, phase=0.5, preserve_size=True)
+            downsampler = Downsampler(
+                out_f, stride, downsample_mode, phase=0.5, preserve_size=True, dtype=dtype
+            )
         else:
             raise ValueError(
                 f"unknown downsample_mode {downsample_mode!r} (stride, avg, max, lanczos2, lanczos3)"
@@ -221,7 +245,9 @@ def conv(
         layers.append(nn.ReflectionPad2d(to_pad))
         to_pad = 0
     # Any other pad string behaves like zero padding, as in the reference.
-    layers.append(nn.Conv2d(in_f, out_f, kernel_size, stride, padding=to_pad, bias=bias))
+    layers.append(
+        nn.Conv2d(in_f, out_f, kernel_size, stride, padding=to_pad, bias=bias, dtype=dtype)
+    )
     if downsampler is not None:
         layers.append(downsampler)
     return nn.Sequential(*layers)
@@ -297,9 +323,13 @@ def skip(
     downsample_mode: str | Sequence[str] = "stride",
     act_fun: str | type[nn.Module] = "LeakyReLU",
     need1x1_up: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> nn.Sequential:
     """The DIP encoder-decoder with skip connections; arguments and defaults as the reference
-    ``models/skip.py`` (SPEC §3.1). All skip channels 0 gives the paper's "hourglass"."""
+    ``models/skip.py`` (SPEC §3.1). All skip channels 0 gives the paper's "hourglass".
+
+    ``dtype``: the dtype the weights are created (and drawn) in; None is the default dtype.
+    """
     n = len(num_channels_down)
     if not (len(num_channels_up) == len(num_channels_skip) == n):
         raise ValueError(
@@ -324,20 +354,23 @@ def skip(
         # level the encoder width (no decoder below it).
         k_below = n_d[i] if deepest else n_u[i + 1]
         # BN after the concat has no activation (SPEC §9.2).
-        _append(level, bn(n_s[i] + k_below))
+        _append(level, bn(n_s[i] + k_below, dtype))
 
         # Conv creation order: skip, down, second encoder, decoder k_u, decoder 1×1 — all of
         # level i before anything of level i+1 (SPEC §3.6).
         if n_s[i] > 0:
-            _append(skip_branch, conv(c_in, n_s[i], filter_skip_size, bias=need_bias, pad=pad))
-            _append(skip_branch, bn(n_s[i]))
+            _append(
+                skip_branch,
+                conv(c_in, n_s[i], filter_skip_size, bias=need_bias, pad=pad, dtype=dtype),
+            )
+            _append(skip_branch, bn(n_s[i], dtype))
             _append(skip_branch, act(act_fun))
 
-        _append(deeper, conv(c_in, n_d[i], k_down[i], 2, need_bias, pad, down_modes[i]))
-        _append(deeper, bn(n_d[i]))
+        _append(deeper, conv(c_in, n_d[i], k_down[i], 2, need_bias, pad, down_modes[i], dtype))
+        _append(deeper, bn(n_d[i], dtype))
         _append(deeper, act(act_fun))
-        _append(deeper, conv(n_d[i], n_d[i], k_down[i], bias=need_bias, pad=pad))
-        _append(deeper, bn(n_d[i]))
+        _append(deeper, conv(n_d[i], n_d[i], k_down[i], bias=need_bias, pad=pad, dtype=dtype))
+        _append(deeper, bn(n_d[i], dtype))
         _append(deeper, act(act_fun))
         below = nn.Sequential()
         if not deepest:
@@ -345,18 +378,18 @@ def skip(
         # upsample_mode[i] brings level i+1's output back to level i's resolution.
         _append(deeper, _upsample(up_modes[i]))
 
-        _append(level, conv(n_s[i] + k_below, n_u[i], k_up[i], 1, need_bias, pad))
-        _append(level, bn(n_u[i]))
+        _append(level, conv(n_s[i] + k_below, n_u[i], k_up[i], 1, need_bias, pad, dtype=dtype))
+        _append(level, bn(n_u[i], dtype))
         _append(level, act(act_fun))
         if need1x1_up:
-            _append(level, conv(n_u[i], n_u[i], 1, bias=need_bias, pad=pad))
-            _append(level, bn(n_u[i]))
+            _append(level, conv(n_u[i], n_u[i], 1, bias=need_bias, pad=pad, dtype=dtype))
+            _append(level, bn(n_u[i], dtype))
             _append(level, act(act_fun))
 
         c_in = n_d[i]
         level = below
 
-    _append(net, conv(n_u[0], num_output_channels, 1, bias=need_bias, pad=pad))
+    _append(net, conv(n_u[0], num_output_channels, 1, bias=need_bias, pad=pad, dtype=dtype))
     if need_sigmoid:
         _append(net, nn.Sigmoid())
     return net
@@ -374,6 +407,7 @@ def get_net(
     skip_n11: int | Sequence[int] = 4,
     num_scales: int = 5,
     downsample_mode: str | Sequence[str] = "stride",
+    dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """The reference dispatcher ``models.get_net`` for the 'skip' type (SPEC §4): ints are
     repeated ``num_scales`` times; sigmoid and bias always on; 1×1 up convs and 3×3 filters.
@@ -399,7 +433,20 @@ def get_net(
         need_bias=True,
         pad=pad,
         act_fun=act_fun,
+        dtype=dtype,
     )
+
+
+def to_dtype(net: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A freshly built network cast to ``dtype`` (in place), its Lanczos downsamplers' kernels
+    rewritten from float64 so that a float64 network holds the unrounded kernel, as the
+    reference's float64 run does (TRACES_F64.md). For untrained networks only: the kernels
+    inside a ``skip`` are trainable (SPEC §2.1) and would be reset."""
+    net.to(dtype)
+    for module in net.modules():
+        if isinstance(module, Downsampler):
+            module.write_kernel_()
+    return net
 
 
 def skip_output_size(
@@ -479,20 +526,23 @@ def get_noise(
     noise_type: str = "u",
     var: float = 1.0 / 10,
     generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """The DIP network input z, shape 1×input_depth×H×W (SPEC §6).
 
     'noise': U[0, 1) ('u') or N(0, 1) ('n') times ``var`` — so the default z is U(0, 0.1), not
-    centred. 'meshgrid': 2 channels, x = j/(W−1) then y = i/(H−1), built in float64.
+    centred — drawn in ``dtype`` (None: the default dtype, as the reference's ``torch.zeros``;
+    float32 and float64 draws differ). 'meshgrid': 2 channels, x = j/(W−1) then y = i/(H−1),
+    built in float64 and rounded to ``dtype`` (None: float32, the notebooks' cast).
     ``spatial_size`` is (H, W); an int means square.
     """
     h, w = (spatial_size, spatial_size) if isinstance(spatial_size, int) else spatial_size
     if method == "noise":
         shape = (1, input_depth, h, w)
         if noise_type == "u":
-            z = torch.rand(shape, generator=generator)
+            z = torch.rand(shape, generator=generator, dtype=dtype)
         elif noise_type == "n":
-            z = torch.randn(shape, generator=generator)
+            z = torch.randn(shape, generator=generator, dtype=dtype)
         else:
             raise ValueError(f"unknown noise_type {noise_type!r} (u, n)")
         return z * var
@@ -504,7 +554,7 @@ def get_noise(
         grid = np.stack(
             [np.broadcast_to(xs[None, :], (h, w)), np.broadcast_to(ys[:, None], (h, w))]
         )
-        return torch.from_numpy(grid[None].astype(np.float32))
+        return torch.from_numpy(grid[None]).to(dtype or torch.float32)
     raise ValueError(f"unknown input method {method!r} (noise, meshgrid)")
 
 
@@ -618,6 +668,27 @@ class StackedNets(nn.Module):
             return torch.func.functional_call(base, params, (x.unsqueeze(0),)).squeeze(0)
 
         return torch.vmap(one_image)(self.stacked(), z)
+
+    @torch.no_grad()
+    def load_state_dict_for(self, index: int, state_dict: Mapping[str, Tensor]) -> None:
+        """Loads a reference-format state_dict (e.g. ``skip(...).state_dict()``, or recorded
+        initial weights) into image ``index``'s slices, cast to the stacked dtype; the inverse
+        of ``state_dict_for``. Keys must be exactly the template's. BatchNorm running buffers
+        are checked by name and otherwise ignored: they never reach a train-mode output."""
+        expected = [*self._names, *self._template_buffers]
+        missing = [k for k in expected if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in set(expected)]
+        if missing or unexpected:
+            raise KeyError(
+                f"state_dict does not fit the network: missing {missing}, unexpected {unexpected}"
+            )
+        for name, p in self.stacked().items():
+            value = state_dict[name]
+            if tuple(value.shape) != tuple(p.shape[1:]):
+                raise ValueError(
+                    f"{name}: expected shape {tuple(p.shape[1:])}, got {tuple(value.shape)}"
+                )
+            p[index].copy_(value)
 
     def state_dict_for(self, index: int) -> dict[str, Tensor]:
         """A reference-format state_dict of image ``index`` (loads into ``skip(...)`` strictly)."""

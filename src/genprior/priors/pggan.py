@@ -181,6 +181,11 @@ class PGGANGenerator(nn.Module):
         self.sequence_names.append(f"output{self.num_blocks - 1}")
 
     # ------------------------------------------------------------------ structure
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the network computes in (float64 for ``trainer.precision=64-true``)."""
+        return self.get_submodule("layer0").conv.weight.dtype
+
     def channels(self, resolution: int) -> int:
         return pggan_channels(resolution, self.fmaps_base, self.fmaps_max)
 
@@ -272,9 +277,9 @@ class PGGANGenerator(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """Random images G(z), z ~ N(0, I)."""
-        device = self.lod.device
-        z = torch.randn(n, self.z_dim, generator=generator).to(device)
-        return self(z)
+        # drawn in float32 whatever G's dtype, so a float64 G renders the same codes
+        z = torch.randn(n, self.z_dim, generator=generator, dtype=torch.float32)
+        return self(z.to(self.lod.device, self.dtype))
 
     def parameter_counts(self) -> dict[str, int]:
         total = sum(p.numel() for p in self.parameters())

@@ -229,13 +229,16 @@ def load_pggan(
     path: str | Path | None = None,
     map_location: Any = "cpu",
     random_init_seed: int | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> PGGANGenerator:
     """Build the named PGGAN and load its converted weights; the result is in eval mode.
 
     ``name`` is a registry name or ``PGGANGenerator`` kwargs. The file is ``path`` if given,
     else the reference's file name inside ``weights_dir``. With ``random_init_seed`` nothing is
     loaded: conv weights ~ N(0, 1) (stored unscaled, as PGGAN initialises them), biases 0.
-    Parameters never require grad: mGANprior keeps G fixed.
+    Parameters never require grad: mGANprior keeps G fixed. ``dtype`` float64 (a
+    ``trainer.precision=64-true`` run) copies the float32 weights, file or random, exactly into
+    a float64 network, so both precisions run the same generator.
     """
     entry: PGGANEntry | None = None
     if isinstance(name, str):
@@ -250,7 +253,7 @@ def load_pggan(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(random_init_seed))
             G = PGGANGenerator(**kwargs)
-        return _freeze(G.to(device or "cpu"))
+        return _freeze(G.to(device or "cpu", dtype))
 
     if path is None:
         if weights_dir is None or entry is None or entry.weight_file is None:
@@ -268,7 +271,8 @@ def load_pggan(
     # Every tensor comes from the file: allocate without the random init of 23M weights.
     with torch.device("meta"):
         G = PGGANGenerator(**kwargs)
-    G = G.to_empty(device=device or "cpu")
+    # In the run's dtype before loading: the file's values are copied, not rounded via float32.
+    G = G.to_empty(device=device or "cpu").to(dtype)
     load_pggan_checkpoint_into(G, path, map_location=map_location, label=label)
     return _freeze(G)
 

@@ -3,7 +3,10 @@
 The runs use the tiny random BigGAN on CPU with two optimisation steps per image. Every process
 is pinned to one intra-op thread: oneDNN splits reductions by thread count, and Lightning gives
 each of N CPU processes cores/N threads, so without pinning a 1-process and a 2-process run
-would round differently (docs/reconstruction.md, "Batching and numerical agreement").
+would round differently (docs/reconstruction.md, "Batching and numerical agreement"). Every
+run also fits one image at a time (trainer.batch_size=1, what "auto" gives on a CPU): however
+the images are sharded, each is then the same computation, on one thread, in every run, so the
+runs are compared bit for bit (whatever the --threads of the test session).
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ from genprior.results import (
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "prior=biggan_tiny", "task=colorization", "dgp.iterations=[1,1,0,0,0]", "dgp.select_num=2",
-    "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "logger=none",
+    "trainer.accelerator=cpu", "trainer.batch_size=1", "trainer.enable_progress_bar=false",
+    "logger=none",
 ]
 # The reference's classes for the ImageNet val JPEGs in ../shared/data/dgp (its README).
 DGP_CLASSES = {
@@ -133,7 +137,8 @@ def test_two_processes_give_the_results_of_one(imagenet_val, one_process, tmp_pa
     assert all(r["world_size"] == 2 for r in two.values())
     for image_id, row in two.items():
         assert row["status"] == "ok", row
-        # exact equality of every metric, final loss and the chosen class
+        # exact equality of every metric, final loss and the chosen class: batch 1 and one
+        # thread in both runs make every image the same computation (module docstring)
         assert _result_fields(row) == _result_fields(one_process[image_id]), image_id
     # contiguous shards of 5: the first half on rank 0
     assert [r["rank"] for r in two.values()] == [0] * 5 + [1] * 5
@@ -175,7 +180,8 @@ def test_killed_run_resumes_without_losing_or_repeating_images(
     again = [r for r in rows if r["pid"] == os.getpid()]
     assert {r["id"] for r in again} == set(expected) - {r["id"] for r in killed}
     assert all(r["pid"] in first_pids for r in rows if r not in again)
-    for row in rows:  # the resumed and the killed run agree with the single-process run
+    for row in rows:  # the resumed and the killed run agree with the single-process run (exact:
+        # batch 1, one thread, the same computation per image; module docstring)
         assert _result_fields(row) == _result_fields(one_process[row["id"]]), row["id"]
     counts = json.loads((out / "summary.json").read_text())["counts"]
     assert counts == {"subset": 6, "finished": 6, "ok": 6, "failed": 0, "skipped": len(killed),
@@ -243,6 +249,8 @@ def test_summary_files_hold_mean_std_and_t_interval(wandb_run: Path) -> None:
     half = stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)
     got = table["psnr"]
     assert int(got["n"]) == 3
+    # float64 statistics of the very rows read here (no float32 arithmetic in between); rel 1e-5
+    # only allows for the digits summary.csv prints
     assert float(got["mean"]) == pytest.approx(mean, rel=1e-5)
     assert float(got["std"]) == pytest.approx(std, rel=1e-5)
     assert float(got["ci95_low"]) == pytest.approx(mean - half, rel=1e-5)

@@ -57,17 +57,21 @@ def test_batch_of_two_equals_one_at_a_time(shared_dir: Path, tmp_path: Path) -> 
     for image_id in one:
         # Same select_z draw, same schedule, same per-step losses. The batched (grouped) conv
         # kernels round differently from the B = 1 ones (~1e-7); Adam with beta1 = 0 divides
-        # near-zero gradients by their own RMS and amplifies that over steps, so the first
-        # steps agree to 1e-4 and the end of the short run only to a few percent (measured:
-        # 0.12 dB PSNR on a random tiny G). See docs/reconstruction.md, "Batching".
+        # near-zero gradients by their own RMS and amplifies that over steps, from a step that
+        # depends on the thread count and CPU. Measured, relative (threads 1/2/4): steps 0-1 at
+        # most 2.3e-7, steps 2-4 at most 7.0e-5 (once amplified), and the end of the short run
+        # only to a few percent: up to 0.12 dB PSNR on a random tiny G. See
+        # docs/reconstruction.md, "Batching".
         l1 = [line.split(",") for line in (outs[1] / image_id / "losses.csv").read_text().splitlines()[1:]]
         l2 = [line.split(",") for line in (outs[2] / image_id / "losses.csv").read_text().splitlines()[1:]]
         assert len(l1) == len(l2) == 12
-        for r1, r2 in zip(l1[:5], l2[:5]):
+        for step, (r1, r2) in enumerate(zip(l1[:5], l2[:5])):
+            rel = 1e-5 if step < 2 else 1e-3  # 43x and 14x the measured spread
             for v1, v2 in zip(r1, r2):
-                assert float(v2) == pytest.approx(float(v1), rel=1e-4, abs=1e-7)
+                assert float(v2) == pytest.approx(float(v1), rel=rel, abs=1e-7)
         assert two[image_id]["class"] == one[image_id]["class"]
-        assert two[image_id]["psnr"] == pytest.approx(one[image_id]["psnr"], abs=0.5)
+        # 10x the measured 0.12 dB (a mix-up of the two images fails the per-step losses above)
+        assert two[image_id]["psnr"] == pytest.approx(one[image_id]["psnr"], abs=1.2)
 
 
 def _make_bad_inputs(folder: Path) -> Path:

@@ -80,3 +80,22 @@ def test_bf16_autocast_is_switched_off_in_a_float64_run(caplog: pytest.LogCaptur
     assert perf.fused_attention and perf.sn_scale_outputs and perf.fused_optimizer
     cfg32 = compose(["prior=biggan_tiny", "task=colorization", "perf.autocast=bf16"])
     assert perf_settings(cfg32).autocast == "bf16"
+
+
+@pytest.mark.shared
+def test_manipulation_in_float64_and_its_fit_edited_in_float32(shared_dir: Path, tmp_path: Path) -> None:
+    """task=jitter fits and edits in float64; the saved float64 reconstruction is recognised as
+    fitted on the same (published float32) weights and renders in a float32 run too."""
+    image = shared_dir / "data" / "dgp" / "ILSVRC2012_val_00001172.JPEG"
+    common = ["prior=biggan_tiny", "task=jitter", "manipulation.jitter_samples=2",
+              "trainer.enable_progress_bar=false", "logger=none"]
+    out64 = tmp_path / "f64"
+    assert run_train([*common, "dgp.iterations=[2,1,1]", "dgp.select_num=2", "trainer.precision=64-true",
+                      f"data.source={image}", "data.class_id=269", f"output.dir={out64}"]) == 0
+    saved = torch.load(out64 / image.stem / "reconstruction.pt", weights_only=True)
+    assert saved["z"].dtype == torch.float64
+    assert all(t.dtype == torch.float64 for t in saved["G_changed"].values() if t.is_floating_point())
+    assert (out64 / image.stem / "jitters.png").is_file()
+    out32 = tmp_path / "f32"
+    assert run_train([*common, f"manipulation.saved=[{out64 / image.stem}]", f"output.dir={out32}"]) == 0
+    assert (out32 / image.stem / "jitters.png").is_file()

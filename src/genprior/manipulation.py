@@ -108,7 +108,8 @@ class FittedPrior:
         """Check a saved reconstruction against this prior and make it renderable."""
         rec.check_architecture(self.prior)
         rec.check_against(self.base, self.weights, self.G.dim_z, self.G.n_classes)
-        return Fitted(image_id=rec.image_id, state=rec.state(self.base), z=rec.z.to(self.device),
+        dtype = next(self.G.parameters()).dtype  # the run's precision, whatever the file's
+        return Fitted(image_id=rec.image_id, state=rec.state(self.base), z=rec.z.to(self.device, dtype),
                       class_id=rec.class_id, use_in=rec.use_in,
                       in_initialized=tuple(rec.in_initialized), path=rec.path)
 
@@ -145,8 +146,10 @@ class FittedPrior:
 def jitter(prior: FittedPrior, f: Fitted, stds: Sequence[float], samples: int,
            generator: torch.Generator) -> Tensor:
     """G_θ*(z* + std·n, y) without IN, n ~ N(0, I); returns [len(stds), samples, 3, H, W]."""
-    noise = torch.randn(len(stds), samples, f.z.shape[0], generator=generator).to(prior.device)
-    std = torch.tensor([float(s) for s in stds], device=prior.device).view(-1, 1, 1)
+    # drawn in float32 in every precision, so a float64 run jitters along the same directions
+    noise = torch.randn(len(stds), samples, f.z.shape[0], generator=generator, dtype=torch.float32)
+    noise = noise.to(prior.device, f.z.dtype)
+    std = torch.tensor([float(s) for s in stds], device=prior.device, dtype=f.z.dtype).view(-1, 1, 1)
     z = (f.z.view(1, 1, -1) + std * noise).flatten(0, 1)
     y = torch.full((z.shape[0],), f.class_id, dtype=torch.long, device=prior.device)
     x = prior.generate(f.state, z, y)

@@ -13,7 +13,8 @@ runs; every value is a tensor, str, int, float, bool, None, list or dict):
 ``image_id``       the image id (file name without extension)
 ``task``           the task the image was fitted for (``reconstruct``, ``colorization``, ...)
 ``class``          y, the class index the generator was conditioned on
-``z``              the fitted latent, float32 ``[dim_z]``
+``z``              the fitted latent ``[dim_z]``, in the run's dtype (float32; float64 from a
+                   ``trainer.precision=64-true`` run, whose ``G_changed`` are float64 too)
 ``G_changed``      the generator tensors (reference ``state_dict`` keys) that differ from the
                    pretrained state, on the CPU; every other tensor *is* the pretrained one
 ``prior``          the resolved ``prior`` config section (architecture, weights source)
@@ -78,10 +79,16 @@ class SavedReconstructionError(ValueError):
 
 
 def state_fingerprint(state: Mapping[str, Tensor]) -> str:
-    """sha256 of a state dict: every key, dtype, shape and the tensor bytes, in key order."""
+    """sha256 of a state dict: every key, dtype, shape and the tensor bytes, in key order.
+
+    float64 tensors are hashed as float32: a float64 run's pretrained state is the published
+    float32 weights cast exactly, and must be recognised as the same weights (a fit saved in
+    one precision can be edited in the other)."""
     digest = hashlib.sha256()
     for key in sorted(state):
         t = state[key].detach()
+        if t.dtype == torch.float64:
+            t = t.float()
         digest.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
         digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
@@ -173,7 +180,7 @@ class SavedReconstruction:
         device = next(iter(base.values())).device
         state = dict(base)
         for k, v in self.changed.items():
-            state[k] = v.to(device)
+            state[k] = v.to(device=device, dtype=base[k].dtype)  # the run's precision
         return state
 
     # ---------------------------------------------------------------- writing
@@ -185,7 +192,7 @@ class SavedReconstruction:
             "image_id": self.image_id,
             "task": self.task,
             "class": self.class_id,
-            "z": self.z.detach().cpu().float().contiguous(),
+            "z": self.z.detach().cpu().contiguous(),
             "G_changed": {k: v.detach().cpu().contiguous() for k, v in self.changed.items()},
             "prior": _plain(self.prior),
             "weights": _plain(self.weights),
@@ -253,7 +260,7 @@ class SavedReconstruction:
         if problems:
             raise SavedReconstructionError(f"{where} is damaged: bad fields " + "; ".join(problems))
         return cls(
-            image_id=payload["image_id"], z=payload["z"].float(), class_id=payload["class"],
+            image_id=payload["image_id"], z=payload["z"], class_id=payload["class"],
             changed=dict(payload["G_changed"]), prior=dict(payload["prior"]),
             weights=dict(payload["weights"]), task=payload["task"], use_in=payload["use_in"],
             in_initialized=list(payload["in_initialized"]),
@@ -280,9 +287,12 @@ class SavedReconstruction:
         """Keys, shapes, z, class and the digest of the pretrained state must all fit."""
         where = self.path or "saved reconstruction"
         unknown = [k for k in self.changed if k not in base]
+        # A floating-point tensor may come from a run of the other precision (state() casts it);
+        # anything else must match exactly.
         wrong = [f"{k} (file {list(v.shape)} {v.dtype}, model {list(base[k].shape)} {base[k].dtype})"
                  for k, v in self.changed.items()
-                 if k in base and (v.shape != base[k].shape or v.dtype != base[k].dtype)]
+                 if k in base and (v.shape != base[k].shape or (v.dtype != base[k].dtype and not (
+                     v.is_floating_point() and base[k].is_floating_point())))]
         problems = []
         if unknown:
             problems.append(f"{len(unknown)} tensors the generator does not have: {_listing(unknown)}")

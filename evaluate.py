@@ -5,7 +5,7 @@ Run ``python evaluate.py --help`` for the config groups and presets.
 
 import sys
 
-from genprior.cli import evaluate_main
+from genprior.cli.evaluate import evaluate_main
 
 if __name__ == "__main__":
     sys.exit(evaluate_main())

@@ -8,7 +8,7 @@ Run ``python train.py --help`` for the config groups and presets.
 
 import sys
 
-from genprior.cli import train_main
+from genprior.cli.train import train_main
 
 if __name__ == "__main__":
     sys.exit(train_main())

@@ -27,26 +27,26 @@ def measure(batch: int, steps: int, device: str, width: int) -> dict[str, float]
     import torch
 
     from genprior.degradations import build_degradation
-    from genprior.methods.dgp import DGP, DGPSettings
-    from genprior.optim import PerImageAdam, plain_step
+    from genprior.engine import step as engine_step
+    from genprior.items import ImageBatch
+    from genprior.methods.dgp import DGP, DGPConfig
     from genprior.priors.biggan import Discriminator, Generator, orthogonal_init_
-    from genprior.schedule import Stage
 
     torch.manual_seed(0)
     dev = torch.device(device)
     G = orthogonal_init_(Generator(resolution=128, G_ch=width)).eval().to(dev)
     D = orthogonal_init_(Discriminator(resolution=128, D_ch=width)).eval().to(dev)
-    stage = Stage(iterations=10_000, G_lr=5e-5, z_lr=2e-3, ftr_num=7, ft_num=2, lr_ratio=0.7,
-                  w_D_loss=1.0, w_mse=0.0, w_percep=0.0, use_in=False)
-    method = DGP(G, D, DGPSettings(stages=[stage], select_num=0), build_degradation("colorization", 128))
+    config = DGPConfig(iterations=[10_000], G_lrs=[5e-5], z_lrs=[2e-3], ftr_num=[7], ft_num=[2], lr_ratio=[0.7],
+                       w_D_loss=[1.0], w_mse=[0.0], w_percep=[0.0], use_in=[False], select_num=0)
+    method = DGP(G, D, config, build_degradation("colorization", 128))
     images = torch.rand(batch, 3, 128, 128, device=dev) * 2 - 1
     classes = torch.arange(batch) % 1000
-    gens = [torch.Generator().manual_seed(b) for b in range(batch)]
-    method.start(images, classes, [f"img{b}" for b in range(batch)], gens)
-    opt = PerImageAdam(method.param_groups(), batch_size=batch, betas=(0.0, 0.999), eps=1e-8)
+    ids = [f"img{b}" for b in range(batch)]
+    method.start(ImageBatch(images, classes, ids, ids))
+    opt = method.make_optimizer()
 
     def step() -> None:
-        plain_step(method, opt)
+        engine_step(method, opt)
 
     step()  # warm-up (allocates the Adam state)
     if dev.type == "cuda":

@@ -52,17 +52,17 @@ PEAKS = {"H200": (989.0, 67.0), "H100": (989.0, 67.0), "A100": (312.0, 19.5)}
 
 
 # ----------------------------------------------------------------------------- workload
-def colorization_stages(steps: int) -> list[Any]:
-    """The preset's 5 stages, with ``steps`` iterations shared out in the preset's ratios."""
+def colorization_stages(steps: int) -> Any:
+    """The preset's 5 stages (a DGPConfig), ``steps`` iterations shared out in the preset's ratios."""
     from omegaconf import OmegaConf
 
-    from genprior.schedule import stages_from_config
+    from genprior.methods.dgp import DGPConfig
 
     preset = OmegaConf.load(REPO / "configs" / "task" / "colorization.yaml").dgp
     total = sum(preset.iterations)
     iterations = [max(1, round(steps * n / total)) for n in preset.iterations]
-    preset.iterations = iterations
-    return stages_from_config(preset)
+    lists = {k: list(preset[k]) for k in DGPConfig.STAGE_KEYS if k in preset and k != "iterations"}
+    return DGPConfig(iterations=iterations, **lists, w_nll=0.02, select_num=0)
 
 
 def load_images(n: int) -> tuple[torch.Tensor, list[str]]:
@@ -105,7 +105,7 @@ def initial_latents(n: int, dim_z: int) -> torch.Tensor:
 class Sequential:
     """The reference's DGP.run for one image after the other (SPEC §6.2), plain torch."""
 
-    def __init__(self, G: Any, D: Any, stages: list[Any], images: torch.Tensor, z0: torch.Tensor,
+    def __init__(self, G: Any, D: Any, stages: Any, images: torch.Tensor, z0: torch.Tensor,
                  classes: torch.Tensor) -> None:
         from genprior.degradations import build_degradation
 
@@ -125,7 +125,7 @@ class Sequential:
             for p in params:
                 p.requires_grad_(True)
             self.groups.append({"params": params})
-        self.schedule = [(s, i) for s in stages for i in range(s.iterations)]
+        self.schedule = [(s, i) for s in stages.stages for i in range(s.iterations)]
         self.image = -1
         self.position = len(self.schedule)
         self.finals: list[torch.Tensor] = []
@@ -194,31 +194,29 @@ class Batched:
     steps_left: int = 0
     step_seconds: list[float] = field(default_factory=list)
 
-    def setup(self, G: Any, D: Any, stages: list[Any], images: torch.Tensor, z0: torch.Tensor,
+    def setup(self, G: Any, D: Any, stages: Any, images: torch.Tensor, z0: torch.Tensor,
               classes: torch.Tensor, perf: Any) -> None:
         from genprior.degradations import build_degradation
-        from genprior.methods.dgp import DGP, DGPSettings
-        from genprior.optim import PerImageAdam
+        from genprior.items import ImageBatch
+        from genprior.methods.dgp import DGP
 
-        settings = DGPSettings(stages=stages, w_nll=0.02, select_num=0)
-        self.method = DGP(G, D, settings, build_degradation("colorization", 128), metric_task="colorization",
+        self.method = DGP(G, D, stages, build_degradation("colorization", 128), metric_task="colorization",
                           perf=perf)
         B = self.batch
-        gens = [torch.Generator().manual_seed(b) for b in range(B)]
-        self.method.start(images[:B], classes[:B], [str(b) for b in range(B)], gens, initial_z=z0[:B])
-        self.opt = PerImageAdam(self.method.param_groups(), batch_size=B, betas=(0.0, 0.999), eps=1e-8,
-                                fused=perf.fused_optimizer)
+        ids = [str(b) for b in range(B)]
+        self.method.start(ImageBatch(images[:B], classes[:B], ids, ids), initial_z=z0[:B])
+        self.opt = self.method.make_optimizer(fused=perf.fused_optimizer)  # per-image Adam (0, 0.999)
         self.steps_left = self.method.total_steps()
 
     def done(self) -> bool:
         return self.steps_left <= 0
 
     def step(self) -> None:
-        from genprior.optim import plain_step
+        from genprior.engine import step
 
         start = time.perf_counter()
         method, opt = self.method, self.opt
-        plain_step(method, opt)
+        step(method, opt)  # the engine's one step, as Reconstruction.training_step runs it
         if method.z.device.type == "cuda":
             torch.cuda.synchronize()
         self.steps_left -= 1

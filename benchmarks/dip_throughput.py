@@ -3,10 +3,11 @@
 The workload is configs/task/dip_denoising.yaml (the F16 notebook: 512 x 512, skip network with
 128 channels on 5 levels, Adam, output EMA and backtracking) on scikit-image's astronaut
 resized to ``--size`` with the preset's noise. B = 1 is the notebook's loop for one image; the
-batched runs fit B noisy copies at once with their own networks and Adam states, through
-``DIPFit`` and ``PerImageAdam`` as ``Reconstruction.training_step`` runs them
-(``dip.batched_forward=auto``: a loop over the nets on the CPU, vmap on CUDA). Steps are
-interleaved (one step of every run per round) so that other jobs slow all runs alike.
+batched runs fit B noisy copies at once with their own networks and Adam states. Every run is
+genprior's ``DIP`` stepped by ``genprior.engine.step``, the step ``Reconstruction`` takes
+(``dip.batched_forward=auto``: a loop over the nets on the CPU, vmap on CUDA; the optimizer as
+``perf.fused_optimizer`` sets it). Steps are interleaved (one step of every run per round) so
+that other jobs slow all runs alike.
 
     python benchmarks/dip_throughput.py                                  # CPU: 2 steps at 512
     python benchmarks/dip_throughput.py --device cuda --batch-sizes 4 8 16 --steps 50
@@ -22,9 +23,16 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from skimage import data as skdata
+
+from genprior import engine
+from genprior.methods.dip import DIP, DIPConfig
+from genprior.perf import PerfConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dgp_throughput import REPO, machine, write_section
@@ -33,41 +41,28 @@ PRESET = REPO / "configs" / "task" / "dip_denoising.yaml"
 
 
 class Run:
-    def __init__(self, batch: int, settings: Any, clean: torch.Tensor, device: torch.device, fused: bool) -> None:
-        from genprior.methods.dip import DIPMethod
-        from genprior.methods.dip_runner import DIPFit
-        from genprior.optim import PerImageAdam
+    """B noisy copies of the image, fitted at once by one DIP on ``device``."""
 
+    def __init__(self, batch: int, settings: DIPConfig, clean: torch.Tensor, device: torch.device,
+                 fused: bool) -> None:
         self.batch = batch
         gen = torch.Generator().manual_seed(0)
         noisy = (clean + torch.randn(clean.shape, generator=gen) * settings.noise_std).clamp(0, 1)
-        obs = noisy.expand(batch, -1, -1, -1).contiguous().to(device)
-        dip = DIPMethod(settings, None, obs, clean=clean.expand(batch, -1, -1, -1).contiguous().to(device),
-                        seed=0).to(device)
-        self.fit = DIPFit(dip, [str(b) for b in range(batch)], obs)
-        self.opt = PerImageAdam(self.fit.param_groups(), batch_size=batch, betas=self.fit.betas,
-                                eps=self.fit.eps, fused=fused)
+        self.method = DIP(settings, seed=0).to(device)
+        self.method.start_observed([str(b) for b in range(batch)], noisy.expand(batch, -1, -1, -1),
+                                   clean=clean.expand(batch, -1, -1, -1))
+        self.optimizer = self.method.make_optimizer(fused=fused)
         self.seconds: list[float] = []
 
     def step(self) -> None:
-        from genprior.optim import plain_step
-
         start = time.perf_counter()
-        fit, opt = self.fit, self.opt
-        plain_step(fit, opt)
-        if fit.dip.observation.device.type == "cuda":
+        engine.step(self.method, self.optimizer)
+        if self.method.device.type == "cuda":
             torch.cuda.synchronize()
         self.seconds.append(time.perf_counter() - start)
 
 
 def main() -> None:
-    from omegaconf import OmegaConf
-    from PIL import Image
-    from skimage import data as skdata
-
-    from genprior.methods.dip import DIPSettings
-    from genprior.perf import PerfConfig
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--size", type=int, default=512, help="image side (the preset: 512)")
@@ -80,10 +75,9 @@ def main() -> None:
     gpu = device.type == "cuda"
     sizes = args.batch_sizes or ([4, 8, 16] if gpu else [2])
     steps = args.steps or (50 if gpu else 2)
-    preset = OmegaConf.to_container(OmegaConf.load(PRESET).dip)
-    settings = DIPSettings(**preset)  # type: ignore[arg-type]
+    settings = DIPConfig(**OmegaConf.to_container(OmegaConf.load(PRESET).dip))  # type: ignore[arg-type]
     img = Image.fromarray(skdata.astronaut()).resize((args.size, args.size), Image.Resampling.LANCZOS)
-    clean = torch.from_numpy(__import__("numpy").asarray(img, dtype="float32") / 255).permute(2, 0, 1)[None]
+    clean = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)[None]
     fused = PerfConfig().fused_optimizer
     runs = [Run(b, settings, clean, device, fused) for b in [1, *sizes]]
     load_before = os.getloadavg()

@@ -4,7 +4,9 @@
 
 Prints the max abs difference of every fixture tensor against genprior in float32, against the
 same network run in float64, and the fixture's own distance from float64 (its float32 rounding
-on the machine that made it). See the docstring of tests/test_pggan.py for the reading.
+on the machine that made it). The multi-code output is the method's own composition
+(``MGANPrior.render``, what every fitting step computes). See the docstring of
+tests/test_pggan.py for the reading.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from pathlib import Path
 
 import torch
 
+from genprior.degradations import Identity
+from genprior.methods.mganprior import MGANConfig, MGANPrior
 from genprior.priors.pggan import PGGANGenerator
-from genprior.priors.pggan_checkpoints import get_entry
+from genprior.priors.registry import build_pggan
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "reference" / "mganprior" / "pggan_tiny_parity.pt"
 
@@ -29,7 +33,8 @@ def outputs(G: PGGANGenerator, fx: dict, dtype: torch.dtype) -> dict[str, torch.
         out[f"post_outputs[{key}]"] = G.tail(fx["features"][key].to(dtype), int(key))
     out["multi_code.per_code_features"] = G.head(mc["z"].to(dtype).reshape(-1, 512), 6).view(
         mc["per_code_features"].shape)
-    out["multi_code.output"] = G.multi_code(mc["z"].to(dtype), mc["alpha"].to(dtype), 6)
+    method = MGANPrior(G, MGANConfig(composing_layer=6, z_number=mc["z"].shape[1], vgg_lambda=0.0), Identity())
+    out["multi_code.output"] = method.render(mc["z"].to(dtype), mc["alpha"].to(dtype))
     return out
 
 
@@ -38,7 +43,7 @@ def main() -> None:
     fx = torch.load(sys.argv[1] if len(sys.argv) > 1 else DEFAULT, weights_only=True)
     nets = {}
     for dtype in (torch.float32, torch.float64):
-        G = PGGANGenerator(**get_entry("pggan_tiny").generator_kwargs()).to(dtype)
+        G = build_pggan("pggan_tiny").to(dtype)
         G.load_state_dict({k: v.to(dtype) for k, v in fx["state_dict"].items()})
         nets[dtype] = outputs(G.eval(), fx, dtype)
 

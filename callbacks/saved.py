@@ -1,4 +1,4 @@
-"""``SaveReconstructions``: write every fitted image's ``reconstruction.pt`` when its fit ends.
+"""``SaveReconstructions``: every fitted image's ``reconstruction.pt`` when its batch ends.
 
 Used by ``output.save_G=true`` and by the manipulation tasks, which edit these files (the file
 format is described in ``genprior.saved``).
@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from genprior.callbacks.outputs import _safe
 from omegaconf import DictConfig, OmegaConf
 
+from genprior.image_io import safe_name
 from genprior.saved import FILE_NAME, SavedReconstruction, weights_identity
 
 
@@ -25,7 +25,9 @@ class SaveReconstructions(L.Callback):
         self.weights: dict[str, Any] | None = None  # computed once, at the first save
         self.written: list[Path] = []
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if pl_module.aborted is not None or not pl_module.items:
+            return
         method = pl_module.method
         if self.weights is None:
             self.weights = weights_identity(self.prior, method.G_weight)
@@ -34,4 +36,4 @@ class SaveReconstructions(L.Callback):
                 continue
             rec = SavedReconstruction.from_method(method, b, self.prior, self.weights,
                                                   task=self.task, info=self.info)
-            self.written.append(rec.save(self.out_dir / _safe(image_id) / FILE_NAME))
+            self.written.append(rec.save(self.out_dir / safe_name(image_id) / FILE_NAME))

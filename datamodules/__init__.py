@@ -1,8 +1,8 @@
-"""Datamodules that feed images to the per-image fitting loop (installed as genprior.datamodules).
+"""Datamodules that list and read the images of a run (installed as genprior.datamodules).
 
-Each yields records ``{"image", "class", "id", "path", "error", "warning"}`` (see
-`ImageRecordDataset`); an unreadable image becomes a record with ``error`` set, never an
-exception. See docs/data.md.
+Each lists its images as `genprior.items.ImageItem`s (subset, resume skips, shard) and reads
+them with its dataset (``ImageRecordDataset.read``: the item with its tensor); an unreadable
+image gets ``error`` set, never an exception. See docs/data.md.
 """
 
 from .folder import ImageFolderDataModule, read_list_file
@@ -13,11 +13,11 @@ from .imagenet import (
     read_devkit_meta,
     read_imagenet_labels,
 )
+from .load import load_items, sample_item
 from .lsun import LMDBImageDataset, LSUNDataModule, open_lmdb
 from .records import (
     DGP_IMAGENET_1K_LIST,
     DataSourceError,
-    ImageItem,
     ImageRecordDataModule,
     ImageRecordDataset,
     SubsetSpec,
@@ -30,7 +30,6 @@ __all__ = [
     "DGP_IMAGENET_1K_LIST",
     "DataSourceError",
     "ImageFolderDataModule",
-    "ImageItem",
     "ImageNetLabels",
     "ImageNetValDataModule",
     "ImageRecordDataModule",
@@ -41,9 +40,11 @@ __all__ = [
     "apply_subset",
     "collate_records",
     "imagenet_wnids",
+    "load_items",
     "open_lmdb",
     "read_devkit_meta",
     "read_imagenet_labels",
     "read_list_file",
+    "sample_item",
     "select_shard",
 ]

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from genprior.image_io import IMAGE_EXTENSIONS
+from genprior.items import ImageItem
 
-from .records import DataSourceError, ImageItem, ImageRecordDataModule, examples
+from .records import DataSourceError, ImageRecordDataModule, examples
 
 __all__ = ["LIST_SUFFIXES", "ImageFolderDataModule", "read_list_file"]
 
@@ -51,7 +52,7 @@ def read_list_file(
         if not line or line.startswith("#"):
             continue
         fields = line.split()
-        error = ""
+        error: str | None = None
         label = default_class
         name = line
         if len(fields) >= 2:
@@ -67,7 +68,7 @@ def read_list_file(
                     f"and {line!r} is not a file either (expected '<path> [class]')"
                 )
         image_path = Path(name) if Path(name).is_absolute() else base / name
-        items.append(ImageItem(Path(name).stem, str(image_path), label, error=error))
+        items.append(ImageItem(Path(name).stem, str(image_path), class_id=label, error=error))
     return items
 
 

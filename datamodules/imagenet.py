@@ -34,12 +34,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import scipy.io
+
 from genprior.image_io import IMAGE_EXTENSIONS
+from genprior.items import ImageItem
 
 from .records import (
     DGP_IMAGENET_1K_LIST,
     DataSourceError,
-    ImageItem,
     ImageRecordDataModule,
     examples,
 )
@@ -84,9 +87,6 @@ def _wnid_index() -> dict[str, int]:
 
 def read_devkit_meta(path: str | os.PathLike[str]) -> dict[int, str]:
     """ILSVRC2012_ID -> WNID for the 1000 leaf synsets of the devkit's ``meta.mat``."""
-    import numpy as np
-    import scipy.io
-
     try:
         synsets = scipy.io.loadmat(str(path), squeeze_me=True)["synsets"]
     except (OSError, ValueError, KeyError) as err:

@@ -23,13 +23,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+import lmdb
 from PIL import Image
 
 from genprior.image_io import ImageLoadError, PreprocessMethod, decode_image
+from genprior.items import ImageItem
 
 from .records import (
     DataSourceError,
-    ImageItem,
     ImageRecordDataModule,
     ImageRecordDataset,
     examples,
@@ -48,8 +49,6 @@ _OPEN_ENVS: dict[tuple[int, str], Any] = {}
 def open_lmdb(path: str | os.PathLike[str]) -> Any:
     """Open (or reuse) an LMDB read-only for concurrent readers; ``path`` is the export's
     folder or its data.mdb. The handle stays open for the life of the process."""
-    import lmdb
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"LMDB {path} does not exist")
@@ -114,7 +113,7 @@ class LMDBImageDataset(ImageRecordDataset):
             self._pid = os.getpid()
         return self._env
 
-    def read(self, item: ImageItem) -> Image.Image:
+    def decode(self, item: ImageItem) -> Image.Image:
         assert item.key is not None
         with self._environment().begin(write=False, buffers=False) as txn:
             value = txn.get(item.key)
@@ -148,7 +147,7 @@ class LSUNDataModule(ImageRecordDataModule):
 
     def _item(self, key: bytes) -> ImageItem:
         image_id = _key_to_id(key)
-        return ImageItem(image_id, f"{self.lmdb_path}#{image_id}", -1, key=key)
+        return ImageItem(image_id, f"{self.lmdb_path}#{image_id}", key=key)
 
     def list_items(self) -> list[ImageItem]:
         spec = self.subset

@@ -13,8 +13,9 @@ Skipping before sharding keeps the remaining work balanced between ranks on resu
 is that an image may land on a different rank than in the interrupted run, which does not
 matter because every image is fitted independently.
 
-The dataset then turns each item into a *record* (see `ImageRecordDataset`), and never raises
-for one bad image: the record carries the reason in ``"error"`` instead.
+The dataset then reads each item (``ImageRecordDataset.read``: the item with its tensor), and
+never raises for one bad image: the item carries the reason in ``error`` instead. ``ImageItem``
+is genprior's one item type (genprior.items), from the listing to the result row.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import random
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,11 +42,11 @@ from genprior.image_io import (
     load_image,
     preprocess,
 )
+from genprior.items import ImageItem
 
 __all__ = [
     "DGP_IMAGENET_1K_LIST",
     "DataSourceError",
-    "ImageItem",
     "ImageRecordDataModule",
     "ImageRecordDataset",
     "SubsetSpec",
@@ -72,22 +73,6 @@ def examples(values: Iterable[Any], k: int = 5) -> str:
     values = list(values)
     shown = ", ".join(str(v) for v in values[:k])
     return shown + (f" (and {len(values) - k} more)" if len(values) > k else "")
-
-
-@dataclass(frozen=True)
-class ImageItem:
-    """One image before it is read.
-
-    ``path`` is the file (for LMDB records: ``<lmdb path>#<id>``); ``key`` is the LMDB key
-    when there is one. ``error`` marks an item that is known to be unusable already at listing
-    time (e.g. an unparsable class column); it becomes an error record without being read.
-    """
-
-    id: str
-    path: str
-    class_index: int = -1
-    key: bytes | None = None
-    error: str = ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,7 +182,7 @@ def apply_subset(items: list[ImageItem], spec: SubsetSpec) -> list[ImageItem]:
     if spec.per_class is not None:
         if spec.per_class <= 0:
             raise ValueError(f"per_class must be positive, got {spec.per_class}")
-        unlabeled = [item.id for item in items if item.class_index < 0]
+        unlabeled = [item.id for item in items if item.class_id < 0]
         if unlabeled:
             raise DataSourceError(
                 f"a per_class subset needs a class for every image; {len(unlabeled)} have "
@@ -206,8 +191,8 @@ def apply_subset(items: list[ImageItem], spec: SubsetSpec) -> list[ImageItem]:
         taken: dict[int, int] = {}
         kept = []
         for item in items:
-            if taken.get(item.class_index, 0) < spec.per_class:
-                taken[item.class_index] = taken.get(item.class_index, 0) + 1
+            if taken.get(item.class_id, 0) < spec.per_class:
+                taken[item.class_id] = taken.get(item.class_id, 0) + 1
                 kept.append(item)
         items = kept
     if spec.count is not None:
@@ -230,9 +215,9 @@ def apply_subset(items: list[ImageItem], spec: SubsetSpec) -> list[ImageItem]:
 def _merge_classes(items: list[ImageItem], classes: dict[str, int], source: str) -> list[ImageItem]:
     """Fill unknown classes from an id file's class column; refuse contradictions."""
     conflicts = [
-        f"{item.id} (data {item.class_index}, list {classes[item.id]})"
+        f"{item.id} (data {item.class_id}, list {classes[item.id]})"
         for item in items
-        if item.id in classes and item.class_index >= 0 and item.class_index != classes[item.id]
+        if item.id in classes and item.class_id >= 0 and item.class_id != classes[item.id]
     ]
     if conflicts:
         raise DataSourceError(
@@ -240,9 +225,7 @@ def _merge_classes(items: list[ImageItem], classes: dict[str, int], source: str)
             f"{len(conflicts)} image(s): {examples(conflicts)}"
         )
     return [
-        ImageItem(item.id, item.path, classes[item.id], item.key, item.error)
-        if item.class_index < 0 and item.id in classes
-        else item
+        replace(item, class_id=classes[item.id]) if item.class_id < 0 and item.id in classes else item
         for item in items
     ]
 
@@ -270,17 +253,20 @@ def select_shard(items: Sequence[T], rank: int, world: int) -> list[T]:
 
 
 class ImageRecordDataset(Dataset):
-    """Reads and preprocesses `ImageItem`s into records. Never raises for a bad image.
+    """Reads and preprocesses `ImageItem`s. Never raises for a bad image.
 
-    Every record has the same keys, so that batches collate:
+    ``read(item)`` is the item read: a copy with its ``image`` (float32 [3, R, R] in [-1, 1]),
+    or with ``error`` saying why it cannot be used, and ``warning`` what reading it warned about
+    (e.g. an upsampled small image; the warnings are also emitted with `warnings.warn`). The
+    engine calls it when the item's batch comes up. Indexing gives the same as a *record*, a
+    dict with the same keys for every image, so that a data loader's batches collate:
 
-    * ``"image"``: float32 [3, R, R] in [-1, 1] (zeros when ``error`` is set);
+    * ``"image"``: the image (zeros when ``error`` is set);
     * ``"class"``: int, -1 when unknown;
     * ``"id"``: str, the name used for output folders (file stem, or LMDB key);
     * ``"path"``: str, the file (``<lmdb>#<key>`` for LMDB records);
     * ``"error"``: str, empty when the image is usable, else why it is not;
-    * ``"warning"``: str, empty unless reading it warned (e.g. an upsampled small image);
-      the warnings are also emitted with `warnings.warn`.
+    * ``"warning"``: str, empty unless reading it warned.
     """
 
     def __init__(
@@ -303,50 +289,52 @@ class ImageRecordDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def read(self, item: ImageItem) -> Image.Image:
+    def decode(self, item: ImageItem) -> Image.Image:
         """Decode one item to RGB; subclasses read from elsewhere than the file system."""
         return load_image(item.path, alpha=self.alpha)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.items[index]
-        record: dict[str, Any] = {
-            "image": torch.zeros(3, self.resolution, self.resolution),
-            "class": item.class_index,
-            "id": item.id,
-            "path": item.path,
-            "error": item.error,
-            "warning": "",
-        }
+    def read(self, item: ImageItem) -> ImageItem:
+        """``item`` read and preprocessed (a copy: the listed item keeps no tensor)."""
         if item.error:
-            return record
-        if self.n_classes is not None and not -1 <= item.class_index < self.n_classes:
-            record["error"] = (
-                f"class {item.class_index} is outside 0..{self.n_classes - 1} "
+            return replace(item, image=None)
+        if self.n_classes is not None and not -1 <= item.class_id < self.n_classes:
+            return replace(item, image=None, error=(
+                f"class {item.class_id} is outside 0..{self.n_classes - 1} "
                 f"(n_classes={self.n_classes}; -1 means unknown)"
-            )
-            return record
+            ))
+        image, error = None, None
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                img = self.read(item)
-                record["image"] = preprocess(
-                    img,
+                image = preprocess(
+                    self.decode(item),
                     self.resolution,
                     method=self.preprocessing,
                     min_size_policy=self.min_size_policy,
                     name=item.path,
                 )
             except ImageLoadError as err:
-                record["error"] = err.reason
+                error = err.reason
             except Exception as err:
                 # One undecodable image must not cost the others: whatever PIL or the reader
                 # raised is recorded for this image and the evaluation goes on.
-                record["error"] = f"{type(err).__name__}: {err}"
-        if caught:
-            record["warning"] = "; ".join(str(w.message) for w in caught)
-            for w in caught:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        return record
+                error = f"{type(err).__name__}: {err}"
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        warning = "; ".join(str(w.message) for w in caught) or None
+        return replace(item, image=image, error=error, warning=warning)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.read(self.items[index])
+        return {
+            "image": item.image if item.image is not None
+            else torch.zeros(3, self.resolution, self.resolution),
+            "class": item.class_id,
+            "id": item.id,
+            "path": item.path,
+            "error": item.error or "",
+            "warning": item.warning or "",
+        }
 
 
 def collate_records(records: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -133,7 +133,7 @@ def evaluate_one_thread():
     have (so in-process results compare with multi-process ones)."""
     import torch
 
-    from genprior.evaluate import run_evaluate
+    from genprior.cli.evaluate import run_evaluate
 
     def run(args: list[str]) -> int:
         threads = torch.get_num_threads()

@@ -24,10 +24,9 @@ from genprior.priors.biggan import (
     Discriminator,
     Generator,
     SNLinear,
-    build_discriminator,
-    build_generator,
     stack_per_image,
 )
+from genprior.priors.registry import build_discriminator, build_generator
 
 MANIFEST_CONFIGS = {
     "biggan128_ch96": (128, 96),

@@ -11,13 +11,12 @@ from torch import Tensor
 
 from genprior.priors.biggan import Discriminator, Generator
 from genprior.priors.checkpoints import (
-    REGISTRY,
     CheckpointError,
     find_biggan_files,
     infer_biggan_config,
-    load_biggan,
     load_checkpoint_into,
 )
+from genprior.priors.registry import UnknownPriorError, get, known_models, load_biggan, names
 
 
 class _Payload:
@@ -138,7 +137,10 @@ def test_mismatch_names_the_fitting_configuration(
     model = build()
     with pytest.raises(CheckpointError) as info:
         load_checkpoint_into(
-            model, tiny_files / file, role="G" if isinstance(model, Generator) else "D"
+            model,
+            tiny_files / file,
+            role="G" if isinstance(model, Generator) else "D",
+            known=known_models("biggan"),
         )
     message = str(info.value)
     assert file in message
@@ -216,14 +218,15 @@ def test_random_g_path() -> None:
 
 
 def test_registry_and_unknown_names() -> None:
-    assert {n: (e.resolution, e.ch, e.suffix) for n, e in REGISTRY.items()} == {
+    specs = {n: get(n) for n in names("biggan")}
+    assert {n: (s.resolution, s.kwargs["G_ch"], s.suffix) for n, s in specs.items()} == {
         "biggan128": (128, 96, "128"),
         "biggan256": (256, 96, "256"),
         "biggan256_ch64": (256, 64, "ch64_256"),
         "biggan512": (512, 96, "512"),
         "biggan_tiny": (128, 8, None),
     }
-    with pytest.raises(CheckpointError, match="biggan128"):
+    with pytest.raises(UnknownPriorError, match="biggan128"):
         load_biggan("biggan1024")
     with pytest.raises(CheckpointError, match="no discriminator"):
         load_biggan("biggan512", weights_dir="/nonexistent")

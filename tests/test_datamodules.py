@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from genprior.datamodules import (
     DataSourceError,
     ImageFolderDataModule,
@@ -19,9 +21,8 @@ from genprior.datamodules import (
     imagenet_wnids,
     select_shard,
 )
-from PIL import Image
-
 from genprior.image_io import SmallImageWarning, load_image, preprocess
+from genprior.items import ImageItem
 
 pytestmark = pytest.mark.shared
 
@@ -121,7 +122,7 @@ def test_imagenet_dgp_list_file(val_dir: Path, tmp_path: Path) -> None:
     )
     dm = ImageNetValDataModule(val_dir, RES, labels=listing)
     dm.setup()
-    assert [(i.id, i.class_index) for i in dm.dataset.items] == [
+    assert [(i.id, i.class_id) for i in dm.dataset.items] == [
         ("ILSVRC2012_val_00003004", 693),
         ("ILSVRC2012_val_00000525", 863),
         ("ILSVRC2012_val_00001970", 737),
@@ -133,7 +134,7 @@ def test_imagenet_dgp_list_file(val_dir: Path, tmp_path: Path) -> None:
     ):
         name, cls = line.split()
         shipped[Path(name).stem] = int(cls)
-    assert all(shipped[i.id] == i.class_index for i in dm.dataset.items)
+    assert all(shipped[i.id] == i.class_id for i in dm.dataset.items)
 
 
 def test_imagenet_list_file_naming_absent_images(val_dir: Path, tmp_path: Path) -> None:
@@ -153,7 +154,7 @@ def test_imagenet_subset_file_supplies_classes(val_dir: Path, tmp_path: Path) ->
     ids_file.write_text("ILSVRC2012_val_00001970.JPEG 737\nILSVRC2012_val_00000525.JPEG 863\n")
     dm = ImageNetValDataModule(val_dir, RES, subset=str(ids_file))
     dm.setup()
-    assert [(i.id, i.class_index) for i in dm.dataset.items] == [
+    assert [(i.id, i.class_id) for i in dm.dataset.items] == [
         ("ILSVRC2012_val_00001970", 737),
         ("ILSVRC2012_val_00000525", 863),
     ]
@@ -169,7 +170,7 @@ def test_imagenet_devkit_labels_via_meta_mat(val_dir: Path, devkit: Path) -> Non
     for labels in (gt, devkit):  # the file, or the devkit folder
         dm = ImageNetValDataModule(val_dir, RES, labels=labels)
         dm.setup()
-        assert {i.id: i.class_index for i in dm.dataset.items} == CLASSES
+        assert {i.id: i.class_id for i in dm.dataset.items} == CLASSES
 
 
 def test_imagenet_devkit_without_meta_is_refused(
@@ -201,7 +202,7 @@ def test_imagenet_loc_csv_and_mismatch(val_dir: Path, tmp_path: Path) -> None:
         val_dir, RES, labels=_loc_csv(tmp_path / "LOC_val_solution.csv", IDS)
     )
     dm.setup()
-    assert {i.id: i.class_index for i in dm.dataset.items} == CLASSES
+    assert {i.id: i.class_id for i in dm.dataset.items} == CLASSES
     short = _loc_csv(tmp_path / "short.csv", IDS[1:])
     with pytest.raises(
         DataSourceError,
@@ -223,14 +224,14 @@ def test_imagenet_class_subfolders(shared_dir: Path, tmp_path: Path) -> None:
         shutil.copy(shared_dir / "data" / "dgp" / f"{image_id}.JPEG", folder)
     dm = ImageNetValDataModule(tmp_path / "wnid", RES)
     dm.setup()
-    assert {i.id: i.class_index for i in dm.dataset.items} == {i: CLASSES[i] for i in picks}
+    assert {i.id: i.class_id for i in dm.dataset.items} == {i: CLASSES[i] for i in picks}
     # Folders that are not WNIDs are numbered in sorted order, like torchvision's ImageFolder.
     for name, image_id in (("b_totem", picks[0]), ("a_barn", picks[1])):
         (tmp_path / "named" / name).mkdir(parents=True)
         shutil.copy(shared_dir / "data" / "dgp" / f"{image_id}.JPEG", tmp_path / "named" / name)
     dm = ImageNetValDataModule(tmp_path / "named", RES)
     dm.setup()
-    assert {i.id: i.class_index for i in dm.dataset.items} == {picks[1]: 0, picks[0]: 1}
+    assert {i.id: i.class_id for i in dm.dataset.items} == {picks[1]: 0, picks[0]: 1}
 
 
 def test_imagenet_subsets(val_dir: Path, tmp_path: Path) -> None:
@@ -412,7 +413,7 @@ def test_folder_and_single_image(shared_dir: Path) -> None:
     others = shared_dir / "data" / "dgp" / "others"
     dm = ImageFolderDataModule(others, RES, default_class=7)
     assert _ids(dm) == ["library1", "library2", "stones", "window1", "window2", "window3"]
-    assert {i.class_index for i in dm.dataset.items} == {7}
+    assert {i.class_id for i in dm.dataset.items} == {7}
     single = ImageFolderDataModule(
         shared_dir / "data" / "dgp" / "ILSVRC2012_val_00003004.JPEG", 128, default_class=693
     )
@@ -469,6 +470,40 @@ def test_list_file_with_bad_entries_costs_only_those(shared_dir: Path, tmp_path:
     )
     recs = _records(dm)
     assert recs[0]["error"] == "" and "smaller than the resolution" in recs[1]["error"]
+
+
+def test_read_gives_each_item_its_image_or_its_error(shared_dir: Path, tmp_path: Path) -> None:
+    """``dataset.read`` (what the engine calls when a batch comes up) gives genprior's one
+    ImageItem, read, as a copy: the listing keeps no tensors; indexing gives the same as a record."""
+    data = shared_dir / "data" / "dgp"
+    shutil.copy(data / "ILSVRC2012_val_00000525.JPEG", tmp_path / "good.JPEG")
+    shutil.copy(data / "ILSVRC2012_val_00000525.JPEG", tmp_path / "good2.JPEG")
+    Image.new("L", (20, 12), 128).save(tmp_path / "tiny.png")
+    (tmp_path / "text.png").write_text("hello")
+    (tmp_path / "list.txt").write_text("good.JPEG 863\ntiny.png\ntext.png 1\ngood2.JPEG 1003\nx.jpg a b\n")
+    dm = ImageFolderDataModule(tmp_path / "list.txt", RES, n_classes=1000)
+    dm.setup()
+    listed = list(dm.dataset.items)
+    assert all(type(i) is ImageItem and i.image is None for i in listed)
+    assert [i.error is None for i in listed] == [True, True, True, True, False]  # x.jpg: listing
+    with pytest.warns(SmallImageWarning):
+        read = [dm.dataset.read(i) for i in listed]
+    assert all(i.image is None for i in dm.dataset.items)  # the listing is left as it was
+    assert [i.usable for i in read] == [True, True, False, False, False]
+    good, tiny, text, out_of_range, unparsable = read
+    assert (good.id, good.class_id, good.error, good.warning) == ("good", 863, None, None)
+    assert good.image.dtype == torch.float32 and good.image.shape == (3, RES, RES)
+    assert "20x12" in tiny.warning
+    assert "not a recognised image format" in text.error and text.image is None
+    assert "class 1003 is outside 0..999" in out_of_range.error
+    assert unparsable.error == listed[4].error and "not an integer class" in unparsable.error
+    with pytest.warns(SmallImageWarning):
+        records = _records(dm)
+    for item, record in zip(read, records):
+        assert (record["id"], record["class"], record["path"]) == (item.id, item.class_id, item.path)
+        assert record["error"] == (item.error or "") and record["warning"] == (item.warning or "")
+        expected = item.image if item.usable else torch.zeros(3, RES, RES)
+        assert torch.equal(record["image"], expected)
 
 
 def test_folder_without_preprocessing(shared_dir: Path) -> None:

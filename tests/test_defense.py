@@ -20,17 +20,21 @@ from PIL import Image
 
 pytest.importorskip("torchattacks")
 
+from genprior import engine
 from genprior.config import compose
-from genprior.defense import (
+from genprior.items import ImageBatch, ImageItem
+from genprior.methods import DGP
+from genprior.metrics import WeightsUnavailable
+from genprior.perf import perf_settings
+from genprior.tasks import defense
+from genprior.tasks.defense import (
     AdversarialMismatch,
     AdversarialStore,
-    DefenseRunner,
+    PriorPurifier,
     PurifiedClassifier,
     attack_with_restarts,
     build_defense_classifier,
 )
-from genprior.metrics_extra import WeightsUnavailable
-from genprior.train import ImageItem
 
 EPS = 16 / 255
 
@@ -94,9 +98,10 @@ def test_attacks_lower_accuracy_within_their_budget(classifier) -> None:
 
 def test_identity_purifier_restores_nothing(tmp_path: Path, classifier) -> None:
     cfg = compose([*TINY, "defense.purifier=identity", f"output.dir={tmp_path}"])
-    runner = DefenseRunner(cfg, classifier=classifier)
-    rows = runner.run(_items(_images(3)), tmp_path)
+    seen: list[dict[str, Any]] = []
+    rows = defense.run(cfg, tmp_path, items=_items(_images(3)), classifier=classifier, on_row=seen.append)
     assert [r["status"] for r in rows] == ["ok"] * 3
+    assert seen == rows  # every row reaches on_row (evaluate.py's durable results)
     for r in rows:
         assert r["clean_top1"] == 100.0  # labels = the classifier's own clean predictions
         for label in ("fgsm", "pgd", "square"):
@@ -133,8 +138,6 @@ def test_bpda_gradient_flows_through_a_non_differentiable_purifier(classifier) -
 
 def test_bpda_gradient_flows_through_the_dip_purifier(tmp_path: Path, classifier) -> None:
     _quiet()
-    from genprior.defense import PriorPurifier
-
     cfg = compose([*TINY, f"output.dir={tmp_path}"])
     purifier = PriorPurifier(cfg)
     model = PurifiedClassifier(classifier, purifier, ["a"], [-1], seeds=[1, 2])
@@ -228,3 +231,35 @@ def test_evaluate_writes_the_report_and_resumes(tmp_path: Path, evaluate_one_thr
     assert {k: v for k, v in again[redone].items() if k not in compute} == \
         {k: v for k, v in first[redone].items() if k not in compute}
     assert again[redone]["purifier_runs"] < first[redone]["purifier_runs"]
+
+
+DGP_TINY = ["prior=biggan_tiny", "task=defense", "trainer=cpu", "trainer.enable_progress_bar=false",
+            "dgp.select_num=1", "dgp.iterations=[1,1]", "dgp.G_lrs=[1e-4,1e-4]", "dgp.z_lrs=[1e-2,1e-2]",
+            "dgp.ftr_num=[8,8]", "dgp.ft_num=[2,3]", "dgp.lr_ratio=[1,1]", "dgp.w_D_loss=[1,1]",
+            "dgp.w_mse=[1,1]", "dgp.w_percep=[0,0]", "dgp.use_in=[false,false]"]
+
+
+def test_dgp_purifier_is_the_plain_fit_of_its_seed(tmp_path: Path) -> None:
+    """The purified images are DGP's final images of a plain fit (engine.step until every image
+    is done) with the given seed: bit for bit, and the same again for the same seed."""
+    _quiet()
+    purifier = PriorPurifier(compose([*DGP_TINY, f"output.dir={tmp_path}"]))
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 3, 128, 128, generator=g)
+    out, info = purifier(x, ["a", "b"], [4, 9], seed=5)
+    assert purifier.runs == 1 and [i["steps"] for i in info] == [2.0, 2.0]
+    assert out.shape == x.shape and out.dtype == x.dtype
+    # the same fit by hand: a DGP of the purifier's config, seed 5, the images as one batch
+    method = DGP.from_config(purifier.cfg)
+    method.seed = 5
+    method.start(ImageBatch.of([ImageItem(id=i, path="", image=xb * 2 - 1, class_id=c)
+                                for i, xb, c in zip(["a", "b"], x, [4, 9])]))
+    optimizer = method.make_optimizer(fused=perf_settings(purifier.cfg).fused_optimizer)
+    while not method.progress.all_done():
+        engine.step(method, optimizer)
+    assert torch.equal(out, method.display(method.final_output()))
+    assert [i["mse"] for i in info] == (out - x).pow(2).flatten(1).mean(1).tolist()
+    again, _ = purifier(x, ["a", "b"], [4, 9], seed=5)
+    assert torch.equal(again, out)  # the method is reused: nothing of the last fit carries over
+    other, _ = purifier(x, ["a", "b"], [4, 9], seed=6)
+    assert not torch.equal(other, out)  # the seed drives the latent sampling (EOT)

@@ -8,14 +8,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from genprior import engine
 from genprior.config import compose
 from genprior.degradations import build_degradation
+from genprior.items import ImageBatch, ImageItem
 from genprior.losses import PerceptualLoss
-from genprior.methods.dgp import DGP, DGPSettings
-from genprior.optim import PerImageAdam, plain_step
+from genprior.methods.dgp import DGP, DGPConfig
 from genprior.priors.biggan import Discriminator, Generator, orthogonal_init_
-from genprior.schedule import Stage
-from genprior.train import ImageItem, run_batches
 
 
 def _tiny() -> tuple[Generator, Discriminator]:
@@ -25,16 +24,22 @@ def _tiny() -> tuple[Generator, Discriminator]:
     return G, D
 
 
-def _stages(n: int = 3, iters: int = 4) -> list[Stage]:
-    return [Stage(iterations=iters, G_lr=1e-4, z_lr=1e-2, ftr_num=3, ft_num=1 + s, lr_ratio=1.0,
-                  w_D_loss=1.0, w_mse=1.0, w_percep=0.0, use_in=False) for s in range(n)]
+def _config(n: int = 3, iters: int = 4, **kwargs) -> DGPConfig:
+    return DGPConfig(iterations=[iters] * n, G_lrs=[1e-4] * n, z_lrs=[1e-2] * n, ftr_num=[3] * n,
+                     ft_num=[1 + s for s in range(n)], lr_ratio=[1.0] * n, w_D_loss=[1.0] * n,
+                     w_mse=[1.0] * n, w_percep=[0.0] * n, use_in=[False] * n, **kwargs)
+
+
+def _batch(images: torch.Tensor, classes: list[int], ids: list[str]) -> ImageBatch:
+    return ImageBatch.of([ImageItem(id=i, path=i, class_id=c, image=x) for i, c, x in zip(ids, classes, images)])
 
 
 def _run(method: DGP) -> list:
-    opt = PerImageAdam(method.param_groups(), batch_size=method.batch_size)
+    """The engine's step until every image is done (what Reconstruction.training_step runs)."""
+    opt = method.make_optimizer()
     records = []
     while not method.progress.all_done():
-        records.append(plain_step(method, opt))
+        records.append(engine.step(method, opt)[0])
     return records
 
 
@@ -46,9 +51,9 @@ def test_early_stop_ends_only_that_images_stage() -> None:
         perfect = G(z[:1], G.shared(y[:1]))  # image 0 is exactly what G renders at z[0]
     real = torch.rand(1, 3, 128, 128) * 2 - 1
     images = torch.cat([perfect, real])
-    settings = DGPSettings(stages=_stages(), select_num=0, stop_mse=1e-2)
+    settings = _config(select_num=0, stop_mse=1e-2)
     method = DGP(G, D, settings, build_degradation("identity", 128))
-    method.start(images, y, ["a", "b"], [torch.Generator().manual_seed(i) for i in range(2)], initial_z=z)
+    method.start(_batch(images, [3, 7], ["a", "b"]), initial_z=z)
     records = _run(method)
     active = torch.stack([r.active for r in records])
     # image 0 meets stop_mse at its first iteration of every stage: one step per stage.
@@ -57,7 +62,7 @@ def test_early_stop_ends_only_that_images_stage() -> None:
     assert int(active[:, 1].sum()) == 12 and method.progress.stopped_early[1] == []
     # image 1's trajectory is its own: the same as fitting it alone.
     alone = DGP(G, D, settings, build_degradation("identity", 128))
-    alone.start(images[1:], y[1:], ["b"], [torch.Generator().manual_seed(1)], initial_z=z[1:])
+    alone.start(_batch(images[1:], [7], ["b"]), initial_z=z[1:])
     solo = _run(alone)
     both = torch.stack([r.total[1] for r in records if bool(r.active[1])])
     # batch 2 against batch 1 (other kernels): measured max 1.2e-7 (threads 1/2/4). rtol 1e-4
@@ -68,33 +73,34 @@ def test_early_stop_ends_only_that_images_stage() -> None:
 
 def test_select_z_picks_a_class_when_unknown_and_is_reproducible() -> None:
     G, D = _tiny()
-    settings = DGPSettings(stages=_stages(1, 1), select_num=5, sample_std=0.5)
-    method = DGP(G, D, settings, build_degradation("colorization", 128))
+    settings = _config(1, 1, select_num=5, sample_std=0.5)
+    method = DGP(G, D, settings, build_degradation("colorization", 128), seed=10)
     images = torch.rand(2, 3, 128, 128) * 2 - 1
-    gens = lambda: [torch.Generator().manual_seed(10), torch.Generator().manual_seed(11)]  # noqa: E731
-    method.start(images, torch.tensor([-1, 42]), ["a", "b"], gens())
+    method.start(_batch(images, [-1, 42], ["a", "b"]))
     first = (method.z.detach().clone(), method.y.clone())
     assert 0 <= int(first[1][0]) < 1000 and int(first[1][1]) == 42
-    method.start(images, torch.tensor([-1, 42]), ["a", "b"], gens())
+    method.start(_batch(images, [-1, 42], ["a", "b"]))
     assert torch.equal(first[0], method.z.detach()) and torch.equal(first[1], method.y)
+    # each image's draw is its own: the same in a batch of one
+    method.start(_batch(images[1:], [42], ["b"]))
+    assert torch.equal(first[0][1], method.z.detach()[0])
     # select_num <= 1 cannot choose a class
     with pytest.raises(ValueError, match="select_num"):
-        DGP(G, D, DGPSettings(stages=_stages(1, 1), select_num=1), build_degradation("identity", 128)).start(
-            images[:1], torch.tensor([-1]), ["a"], [torch.Generator()])
+        DGP(G, D, _config(1, 1, select_num=1), build_degradation("identity", 128)).start(
+            _batch(images[:1], [-1], ["a"]))
+    with pytest.raises(ValueError, match="class 1000 of image 'a' is out of range"):
+        method.start(_batch(images[:1], [1000], ["a"]))
 
 
 def test_nan_loss_fails_only_that_image(tmp_path: Path) -> None:
     cfg = compose(["prior=biggan_tiny", "task=reconstruct", "dgp.iterations=[2,2,2]", "dgp.select_num=2",
                    "trainer.enable_progress_bar=false", "logger=none", "trainer.batch_size=2",
                    f"output.dir={tmp_path}"])
-    from genprior.factory import DGPRunner
-
-    runner = DGPRunner(cfg)
     good = torch.rand(3, 128, 128) * 2 - 1
     bad = good.clone()
     bad[:, :4, :4] = float("nan")
-    items = [ImageItem("good", "mem:good", good, 5), ImageItem("bad", "mem:bad", bad, 6)]
-    rows = {r["id"]: r for r in run_batches(cfg, items, tmp_path, runner.prepare)}
+    items = [ImageItem("good", "mem:good", 5, good), ImageItem("bad", "mem:bad", 6, bad)]
+    rows = {r["id"]: r for r in engine.run(cfg, DGP.from_config(cfg), items, tmp_path)}
     assert rows["good"]["status"] == "ok"
     assert rows["bad"]["status"] == "failed" and "non-finite" in rows["bad"]["error"]
     assert OmegaConf.is_config(cfg)

@@ -21,12 +21,13 @@ import lightning as L
 import pytest
 import torch
 
+from genprior.config import compose
 from genprior.degradations import build_degradation
-from genprior.methods.dgp import DGP, DGPSettings
+from genprior.engine import ImageBatches, Reconstruction, make_trainer
+from genprior.items import ImageBatch, ImageItem
+from genprior.methods.dgp import DGP, DGPConfig
 from genprior.metrics import psnr
 from genprior.priors.biggan import Discriminator, Generator
-from genprior.reconstruction import Reconstruction, StepLoader
-from genprior.schedule import Stage
 
 pytestmark = pytest.mark.shared
 
@@ -38,7 +39,7 @@ def fixtures(dgp_ref: Any) -> tuple[dict, dict]:
     return tiny, pipe
 
 
-def _stages(args: list[str]) -> tuple[list[Stage], dict[str, Any]]:
+def _config(args: list[str]) -> tuple[DGPConfig, str]:
     values: dict[str, list[str]] = {}
     key = None
     for a in args:
@@ -48,19 +49,14 @@ def _stages(args: list[str]) -> tuple[list[Stage], dict[str, Any]]:
         else:
             values[key].append(a)  # type: ignore[index]
     n = len(values["iterations"])
-    stages = [
-        Stage(
-            iterations=int(values["iterations"][s]), G_lr=float(values["G_lrs"][s]),
-            z_lr=float(values["z_lrs"][s]), ftr_num=int(values["ftr_num"][s]),
-            ft_num=int(values["ft_num"][s]), lr_ratio=float(values["lr_ratio"][s]),
-            w_D_loss=float(values["w_D_loss"][s]), w_mse=float(values["w_mse"][s]), w_percep=0.0,
-            use_in=values["use_in"][s] == "True",
-        )
-        for s in range(n)
-    ]
-    scalars = {"w_nll": float(values["w_nll"][0]), "update_embed": "update_embed" in values,
-               "warm_up": int(values.get("warm_up", ["0"])[0]), "mode": values["dgp_mode"][0]}
-    return stages, scalars
+    config = DGPConfig(
+        iterations=[int(v) for v in values["iterations"]], G_lrs=[float(v) for v in values["G_lrs"]],
+        z_lrs=[float(v) for v in values["z_lrs"]], ftr_num=[int(v) for v in values["ftr_num"]],
+        ft_num=[int(v) for v in values["ft_num"]], lr_ratio=[float(v) for v in values["lr_ratio"]],
+        w_D_loss=[float(v) for v in values["w_D_loss"]], w_mse=[float(v) for v in values["w_mse"]],
+        w_percep=[0.0] * n, use_in=[v == "True" for v in values["use_in"]], w_nll=float(values["w_nll"][0]),
+        select_num=0, update_embed="update_embed" in values, warm_up=int(values.get("warm_up", ["0"])[0]))
+    return config, values["dgp_mode"][0]
 
 
 def _build(tiny: dict, trace: dict) -> DGP:
@@ -68,11 +64,9 @@ def _build(tiny: dict, trace: dict) -> DGP:
     G.load_state_dict(tiny["G_state_dict"])
     D = Discriminator(resolution=128, D_ch=8)
     D.load_state_dict(tiny["D_state_dict"])
-    stages, sc = _stages(trace["cli_args"])
-    deg = {"hybrid": "hybrid", "SR": "sr"}[sc["mode"]]
-    settings = DGPSettings(stages=stages, w_nll=sc["w_nll"], select_num=0,
-                           update_embed=sc["update_embed"], warm_up=sc["warm_up"])
-    return DGP(G.eval(), D.eval(), settings, build_degradation(deg, 128))
+    config, mode = _config(trace["cli_args"])
+    deg = {"hybrid": "hybrid", "SR": "sr"}[mode]
+    return DGP(G.eval(), D.eval(), config, build_degradation(deg, 128))
 
 
 class _Trace(L.Callback):
@@ -90,14 +84,21 @@ class _Trace(L.Callback):
         self.lrs.append([float(by_name[f"G{i}"][0]) for i in range(n)] + [float(by_name["z"][0])])
 
 
-def _fit(method: DGP, previous: Any = None) -> tuple[Reconstruction, _Trace]:
-    trace = _Trace()
-    module = Reconstruction(method, previous_optimizer=previous)
-    trainer = L.Trainer(accelerator="cpu", max_steps=method.total_steps(), max_epochs=1, logger=False,
-                        callbacks=[trace], enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)
-    trainer.fit(module, train_dataloaders=StepLoader(method.total_steps()))
-    return module, trace
+CFG = compose(["trainer.accelerator=cpu", "logger=none", "trainer.enable_progress_bar=false"])
+
+
+def _fit(method: DGP, trace: dict, image: torch.Tensor,
+         module: Reconstruction | None = None) -> tuple[Reconstruction, _Trace]:
+    """The image through the engine's LightningModule, datamodule and Trainer, from the trace's
+    initial z; ``module`` (one that fitted an image before) carries its optimizer over when
+    dgp.carry_optimizer_state is on."""
+    recorder = _Trace()
+    method.initial_latents = {"img": trace["initial_z"]}
+    item = ImageItem(id="img", path="img", class_id=int(trace["y"]), image=image[0])
+    module = module or Reconstruction(method)
+    make_trainer(CFG, None, [recorder], quiet=True).fit(
+        module, datamodule=ImageBatches([item], 1, method.total_steps()))
+    return module, recorder
 
 
 def _psnr(x: torch.Tensor, clean: torch.Tensor) -> float:
@@ -123,18 +124,12 @@ def _check_trace(module: Reconstruction, trace: _Trace, ref: dict, clean: torch.
     assert abs(_psnr(final, clean) - _psnr(ref["final_G_output_use_in_last_stage"], clean)) < 0.06
 
 
-def _start(method: DGP, tiny: dict, trace: dict, image: torch.Tensor) -> None:
-    method.start(image, torch.tensor([trace["y"]]), ["img"], [torch.Generator().manual_seed(0)],
-                 initial_z=trace["initial_z"])
-
-
 @pytest.mark.parametrize("name", ["trace_hybrid", "trace_SR"])
 def test_trace_matches_reference(fixtures: tuple[dict, dict], name: str) -> None:
     tiny, pipe = fixtures
     ref = pipe[name]
     method = _build(tiny, ref)
-    _start(method, tiny, ref, tiny["D_images"]["real"])
-    module, trace = _fit(method)
+    module, trace = _fit(method, ref, tiny["D_images"]["real"])
     _check_trace(module, trace, ref, tiny["D_images"]["real"])
     # Which state entries changed (the output layer, SN and BN buffers never do).
     for key, delta in ref["G_state_delta_l2_per_key"].items():
@@ -149,24 +144,21 @@ def test_trace_matches_reference(fixtures: tuple[dict, dict], name: str) -> None
 def test_second_image_fresh_optimizer_by_default(fixtures: tuple[dict, dict]) -> None:
     tiny, pipe = fixtures
     method = _build(tiny, pipe["trace_SR"])
-    _start(method, tiny, pipe["trace_SR"], tiny["D_images"]["real"])
-    _fit(method)
+    first, _ = _fit(method, pipe["trace_SR"], tiny["D_images"]["real"])
     ref = pipe["trace_SR_second_image_fresh_DGP_object"]
     image = pipe["preprocess"]["ILSVRC2012_val_00003004_128"]
-    _start(method, tiny, ref, image)
-    module, trace = _fit(method)
+    module, trace = _fit(method, ref, image, module=first)
     _check_trace(module, trace, ref, image)
 
 
 def test_second_image_carry_optimizer_state_reproduces_main_py(fixtures: tuple[dict, dict]) -> None:
     tiny, pipe = fixtures
     method = _build(tiny, pipe["trace_SR"])
-    _start(method, tiny, pipe["trace_SR"], tiny["D_images"]["real"])
-    first, _ = _fit(method)
+    first, _ = _fit(method, pipe["trace_SR"], tiny["D_images"]["real"])
     ref = pipe["trace_SR_second_image_same_DGP_object"]
     image = pipe["preprocess"]["ILSVRC2012_val_00003004_128"]
-    _start(method, tiny, ref, image)
-    module, trace = _fit(method, previous=first.optimizer)
+    method.carry_optimizer_state = True
+    module, trace = _fit(method, ref, image, module=first)
     _check_trace(module, trace, ref, image)
     # The two behaviours are far apart: the fresh-optimizer trace differs by more than 10 %
     # within three steps, 100x what float32 rounding does (float64 proof: test_faithfulness_dgp).
@@ -180,7 +172,7 @@ def test_select_z_scores_and_argmin(fixtures: tuple[dict, dict]) -> None:
     ref = pipe["select_z"]
     method = _build(tiny, pipe["trace_SR"])
     method.degradation = build_degradation("identity", 128)
-    method.start(tiny["D_images"]["real"], torch.tensor([863]), ["img"], [torch.Generator().manual_seed(0)],
+    method.start(ImageBatch(tiny["D_images"]["real"], torch.tensor([863]), ["img"], ["img"]),
                  initial_z=torch.zeros(1, 120))
     losses = method.score_candidates(ref["candidates_z"], ref["candidates_y"].long(), 0)
     torch.testing.assert_close(losses, ref["candidate_losses_ftr3"], rtol=1e-5, atol=1e-6)

@@ -1,4 +1,5 @@
-"""Deep Image Prior: network parity with the reference fixtures, batched nets, the DIP loop."""
+"""Deep Image Prior: network parity with the reference fixtures, batched nets, the DIP loop
+(``DIP`` driven by ``genprior.engine.step``, the step every run takes)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
+from genprior.engine import step
+from genprior.items import StepRecord
 from genprior.methods.dip import (
+    DIP,
     PRESETS,
-    DIPMethod,
-    DIPSettings,
+    DIPConfig,
     check_input_size,
     crop_box,
     crop_to_multiple,
@@ -20,11 +23,11 @@ from genprior.methods.dip import (
     load_preset,
     noisy_observation,
     pil_to_tensor,
-    psnr,
     sr_baselines,
     sr_pair,
 )
-from genprior.priors.dip import (
+from genprior.metrics import psnr
+from genprior.priors.dip_nets import (
     Downsampler,
     StackedNets,
     get_kernel,
@@ -91,7 +94,7 @@ ENTRY_NAMES = [
 ]
 
 
-def _tiny_settings(**overrides) -> DIPSettings:
+def _tiny_settings(**overrides) -> DIPConfig:
     base = {
         "num_channels_down": [8, 8, 8],
         "num_channels_up": [8, 8, 8],
@@ -99,7 +102,24 @@ def _tiny_settings(**overrides) -> DIPSettings:
         "input_depth": 4,
         "num_iter": 5,
     }
-    return DIPSettings(**{**base, **overrides})
+    return DIPConfig(**{**base, **overrides})
+
+
+def _started(settings: DIPConfig, observation: torch.Tensor, dtype: torch.dtype = torch.float32,
+             seed: int = 0, **kwargs) -> DIP:
+    """A DIP of the run's ``dtype`` and ``seed``, started on the given observations."""
+    method = DIP(settings, dtype=dtype, seed=seed)
+    method.start_observed([f"image{b}" for b in range(observation.shape[0])], observation, **kwargs)
+    return method
+
+
+def _fit(method: DIP, steps: int | None = None, fused: bool = True) -> list[StepRecord]:
+    """``steps`` engine steps (None: until every image is done) with the method's optimizer."""
+    optimizer = method.make_optimizer(fused=fused)
+    records = []
+    while not method.progress.all_done() and (steps is None or len(records) < steps):
+        records.append(step(method, optimizer)[0])
+    return records
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,11 +323,12 @@ def test_preprocess_parity(preprocess_fixture, shared_dir):
         np.testing.assert_array_equal(np.asarray(lr), info["LR_uint8_HWC"].numpy())
         base = sr_baselines(lr, hr.size)
         hr_t = pil_to_tensor(hr)[None]
-        # PSNRs: measured max 6.5e-8 dB from the fixture (the same at threads 1/2/4)
-        assert psnr(hr_t, base["bicubic"][None]).item() == pytest.approx(
+        # PSNRs: measured 0 from the fixture (threads 1/2/4): genprior.metrics.psnr differences
+        # float32 images in float32, as skimage did (differencing in float64 was 6.5e-8 dB off)
+        assert psnr(base["bicubic"][None], hr_t).item() == pytest.approx(
             info["psnr_bicubic_rgb"], abs=1e-6
         )
-        assert psnr(hr_t, base["nearest"][None]).item() == pytest.approx(
+        assert psnr(base["nearest"][None], hr_t).item() == pytest.approx(
             info["psnr_nearest_rgb"], abs=1e-6
         )
 
@@ -350,12 +371,12 @@ def test_preset_typo_fails():
 
 def test_input_size_errors_name_size_and_multiple():
     with pytest.raises(ValueError, match=r"32×32.*smallest square input it takes is 64×64"):
-        check_input_size(32, 32, DIPSettings())
+        check_input_size(32, 32, DIPConfig())
     with pytest.raises(ValueError, match=r"100×60.*104×64.*multiples of 32"):
         check_input_size(100, 60, load_preset("jpeg_snail"))
     check_input_size(514, 514, load_preset("restoration_barbara"))  # Concat crops, SPEC §8.5
     with pytest.raises(ValueError, match="multiples of 32"):
-        DIPMethod(load_preset("jpeg_snail"), None, torch.rand(1, 3, 100, 60))
+        _started(load_preset("jpeg_snail"), torch.rand(1, 3, 100, 60))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,12 +386,10 @@ def test_input_size_errors_name_size_and_multiple():
 
 def test_ema_is_initialised_with_the_first_output_and_not_bias_corrected():
     settings = _tiny_settings(exp_weight=0.9, backtracking="off")
-    method = DIPMethod(settings, "denoising", torch.rand(1, 3, 32, 32), seed=3)
+    method = _started(settings, torch.rand(1, 3, 32, 32), seed=3)
     outputs = []
     method.nets.register_forward_hook(lambda module, args, out: outputs.append(out.detach()))
-    optimizer = method.make_optimizer()
-    for step in range(3):
-        method.fit_step(optimizer, step)
+    _fit(method, 3)
     expected = outputs[0]
     for out in outputs[1:]:
         expected = expected * 0.9 + out * (1 - 0.9)  # the method's arithmetic: bit for bit
@@ -378,7 +397,7 @@ def test_ema_is_initialised_with_the_first_output_and_not_bias_corrected():
     assert not torch.allclose(outputs[0], outputs[2])
 
 
-def _corrupt(method: DIPMethod, image: int) -> None:
+def _corrupt(method: DIP, image: int) -> None:
     # Drive image's output to saturation: a large bias on the last conv before the sigmoid.
     name = [n for n in method.nets.stacked() if n.endswith("bias")][-1]
     with torch.no_grad():
@@ -387,24 +406,29 @@ def _corrupt(method: DIPMethod, image: int) -> None:
 
 def test_backtracking_restores_the_last_checkpoint_for_the_bad_image_only():
     settings = _tiny_settings(backtracking="denoising", show_every=100, exp_weight=None)
-    method = DIPMethod(settings, "denoising", torch.rand(2, 3, 32, 32) * 0.5 + 0.25)
+    method = _started(settings, torch.rand(2, 3, 32, 32) * 0.5 + 0.25)
     optimizer = method.make_optimizer()
-    for step in range(3):
-        logs = method.fit_step(optimizer, step)
-        assert logs["fell_back"].sum() == 0
+    for _ in range(3):
+        record, _, _ = step(method, optimizer)
+        assert record.terms["fell_back"].sum() == 0
     # Step 2 (i = 2, not a multiple of show_every) checkpointed the parameters it used.
     checkpoint = [s.clone() for s in method.snapshot]
     _corrupt(method, image=1)
-    loss, logs = method.step_loss(3)
-    assert logs["fell_back"].tolist() == [0.0, 1.0]
-    assert method.iteration.tolist() == [4, 3]  # the reference does not advance i on fall-back
-    loss.backward()
-    before = [p.detach().clone() for p in method.nets.parameters()]
-    method.before_optimizer_step()
-    for p, old, snap in zip(method.nets.parameters(), before, checkpoint):
+    corrupted = [p.detach().clone() for p in method.nets.parameters()]
+    seen: dict = {}
+
+    def before_update(optimizer, args, kwargs) -> None:  # after backward and the restore
+        seen["parameters"] = [p.detach().clone() for p in method.nets.parameters()]
+        seen["iteration"] = method.iteration.tolist()
+
+    handle = optimizer.register_step_pre_hook(before_update)
+    record, _, _ = step(method, optimizer)
+    handle.remove()
+    assert record.terms["fell_back"].tolist() == [0.0, 1.0]
+    assert seen["iteration"] == [4, 3]  # the reference does not advance i on fall-back
+    for p, old, snap in zip(seen["parameters"], corrupted, checkpoint):
         assert torch.equal(p[1], snap[1])  # image 1 restored (a copy) …
         assert torch.equal(p[0], old[0])  # … image 0 untouched
-    optimizer.step()
     # Adam still applies the gradient of the bad step on top of the restored weights.
     moved = max(
         (p[1] - s[1]).abs().max().item() for p, s in zip(method.nets.parameters(), checkpoint)
@@ -413,34 +437,39 @@ def test_backtracking_restores_the_last_checkpoint_for_the_bad_image_only():
 
 
 def test_backtracking_rules_follow_the_counter():
+    def fell_back(method: DIP, optimizer) -> float:
+        return step(method, optimizer)[0].terms["fell_back"].item()
+
     # denoising rule: nothing is checked when i is a multiple of show_every.
     settings = _tiny_settings(backtracking="denoising", show_every=2, exp_weight=None)
-    method = DIPMethod(settings, "denoising", torch.rand(1, 3, 32, 32))
+    method = _started(settings, torch.rand(1, 3, 32, 32))
     optimizer = method.make_optimizer()
-    method.fit_step(optimizer, 0)
-    method.fit_step(optimizer, 1)  # i = 1: checked, checkpoint
+    fell_back(method, optimizer)
+    fell_back(method, optimizer)  # i = 1: checked, checkpoint
     _corrupt(method, 0)
-    assert method.fit_step(optimizer, 2)["fell_back"].item() == 0  # i = 2: not checked
-    assert method.fit_step(optimizer, 3)["fell_back"].item() == 1  # i = 3: checked, drop
+    assert fell_back(method, optimizer) == 0  # i = 2: not checked
+    assert fell_back(method, optimizer) == 1  # i = 3: checked, drop
     # restoration rule: checked only on multiples (including i = 0).
-    settings = _tiny_settings(backtracking="restoration", show_every=2, exp_weight=None)
-    mask = torch.ones(1, 1, 32, 32)
-    method = DIPMethod(settings, "restoration", torch.rand(1, 3, 32, 32), mask=mask)
+    settings = _tiny_settings(task="restoration", backtracking="restoration", show_every=2,
+                              exp_weight=None)
+    method = _started(settings, torch.rand(1, 3, 32, 32), mask=torch.ones(1, 1, 32, 32))
     optimizer = method.make_optimizer()
-    method.fit_step(optimizer, 0)
+    fell_back(method, optimizer)
     _corrupt(method, 0)
-    assert method.fit_step(optimizer, 1)["fell_back"].item() == 0  # i = 1: not checked
-    assert method.fit_step(optimizer, 2)["fell_back"].item() == 1  # i = 2: checked, drop
-    assert method.fit_step(optimizer, 3)["fell_back"].item() == 0  # i stays 2: checked again
+    assert fell_back(method, optimizer) == 0  # i = 1: not checked
+    assert fell_back(method, optimizer) == 1  # i = 2: checked, drop
+    assert fell_back(method, optimizer) == 0  # i stays 2: checked again
 
 
 def test_image_results_do_not_depend_on_the_batch():
     settings = _tiny_settings(backtracking="denoising", exp_weight=0.99, batched_forward="loop")
     images = torch.rand(2, 3, 32, 32)
-    pair = DIPMethod(settings, "denoising", images, seed=7)
-    alone = DIPMethod(settings, "denoising", images[1:], seed=7)
-    pair.run(3)
-    alone.run(3)
+    pair = _started(settings, images, seed=7)
+    alone = _started(settings, images[1:], seed=7)
+    # The optimizer's per-image loop (perf.fused_optimizer=false): torch's fused kernel, the
+    # default for B >= 2 on the CPU, rounds differently from the loop that B = 1 takes.
+    _fit(pair, 3, fused=False)
+    _fit(alone, 3, fused=False)
     # The CPU loop runs every image through the same kernels whatever the batch, and Adam is
     # element-wise: bit for bit (measured equal over threads 1/2/4).
     assert torch.equal(pair.result()[0][1:], alone.result()[0])
@@ -451,17 +480,17 @@ def test_inpainting_loss_ignores_holes_and_sr_output_is_high_resolution():
     mask = torch.ones(1, 1, 32, 32)
     mask[..., 8:16, 8:16] = 0
     image = torch.rand(1, 3, 32, 32)
-    settings = _tiny_settings(exp_weight=None, backtracking="off", final_input="saved")
-    a = DIPMethod(settings, "inpainting", image, mask=mask)
-    b = DIPMethod(settings, "inpainting", torch.where(mask.bool(), image, 0.5), mask=mask)
-    assert torch.equal(a.step_loss(0)[0], b.step_loss(0)[0])  # the same targets, exactly
+    settings = _tiny_settings(task="inpainting", exp_weight=None, backtracking="off",
+                              final_input="saved")
+    a = _started(settings, image, mask=mask)
+    b = _started(settings, torch.where(mask.bool(), image, 0.5), mask=mask)
+    assert torch.equal(a.loss()[0], b.loss()[0])  # the same targets, exactly
 
-    settings = _tiny_settings(exp_weight=None, backtracking="off", sr_factor=4)
-    sr = DIPMethod(
-        settings, "super_resolution", torch.rand(2, 3, 8, 8), clean=torch.rand(2, 3, 32, 32)
-    )
-    history = sr.run(4, log_every=1)
-    assert set(history[0]) >= {"loss", "psnr_observed", "psnr_gt"}
+    settings = _tiny_settings(task="super_resolution", exp_weight=None, backtracking="off",
+                              sr_factor=4)
+    sr = _started(settings, torch.rand(2, 3, 8, 8), clean=torch.rand(2, 3, 32, 32))
+    history = _fit(sr, 4)
+    assert set(history[0].reported()) >= {"loss", "psnr_observed", "psnr_gt"}
     assert sr.result()[0].shape == (2, 3, 32, 32) and sr.result()[1] is None
 
 
@@ -475,19 +504,35 @@ def test_short_denoising_fit_improves_psnr():
     settings = load_preset(
         "denoising", num_iter=150, num_channels_down=[16] * 5, num_channels_up=[16] * 5
     )
-    method = DIPMethod(settings, "denoising", noisy, clean=clean, seed=0)
+    method = _started(settings, noisy, clean=clean, seed=0)
     # One thread: 150 small steps take ~10 s on one core, while 2 OpenMP threads on a busy
     # 2-core runner were measured 4–15× slower than one (docs/dip.md).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        method.run()
+        assert len(_fit(method)) == 150
     finally:
         torch.set_num_threads(threads)
     output, output_ema = method.result()
-    noisy_psnr = psnr(clean, noisy).item()
-    assert psnr(clean, output).item() > noisy_psnr + 2.0
-    assert psnr(clean, output_ema).item() > noisy_psnr
+    noisy_psnr = psnr(noisy, clean).item()
+    assert psnr(output, clean).item() > noisy_psnr + 2.0
+    assert psnr(output_ema, clean).item() > noisy_psnr
+
+
+def test_stop_mse_ends_an_images_fit_and_freezes_it():
+    """dip.stop_mse (DGP Table 5's early stop): an image whose MSE drops below it is done, and
+    the optimizer leaves its weights alone from then on; the other image carries on."""
+    settings = _tiny_settings(task="jpeg_artifacts", exp_weight=None, backtracking="off",
+                              num_iter=4, stop_mse=0.5)
+    observation = torch.cat([torch.full((1, 3, 32, 32), 0.5), torch.full((1, 3, 32, 32), 8.0)])
+    method = _started(settings, observation, seeds=[1, 2])
+    records = _fit(method, 1)
+    stopped = [p[0].detach().clone() for p in method.nets.parameters()]
+    records += _fit(method)
+    assert [r.active.tolist() for r in records] == [[True, True], [False, True], [False, True],
+                                                    [False, True]]
+    assert method.progress.stopped_early == [[0], []] and method.progress.done == [True, True]
+    assert all(torch.equal(p[0], q) for p, q in zip(method.nets.parameters(), stopped))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,12 +540,13 @@ def test_short_denoising_fit_improves_psnr():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_a_float64_observation_runs_the_fit_in_float64_from_the_float32_draws():
+def test_a_float64_run_fits_in_float64_from_the_float32_draws():
     settings = _tiny_settings(backtracking="denoising", exp_weight=0.9)
     images = torch.rand(2, 3, 32, 32)
-    f32 = DIPMethod(settings, "denoising", images, clean=images, seed=[3, 4])
-    f64 = DIPMethod(settings, "denoising", images.double(), clean=images, seed=[3, 4])
-    assert f32.dtype == torch.float32 and f64.dtype == torch.float64
+    f32 = _started(settings, images, clean=images, seeds=[3, 4])
+    f64 = _started(settings, images, dtype=torch.float64, clean=images, seeds=[3, 4])
+    assert f32.observation.dtype == torch.float32 and f64.observation.dtype == torch.float64
+    assert torch.equal(f64.observation, images.double())
     # Weights, z and ε are drawn in float32 in both runs: the float64 run starts from the float32
     # run's numbers, cast exactly.
     for p32, p64 in zip(f32.parameters(), f64.parameters()):
@@ -509,21 +555,22 @@ def test_a_float64_observation_runs_the_fit_in_float64_from_the_float32_draws():
     assert torch.equal(f64.perturbation(5), f32.perturbation(5).double())
     assert f64.clean.dtype == torch.float64
     optimizer = f64.make_optimizer()
-    for step in range(2):
-        logs = f64.fit_step(optimizer, step)
-        assert all(v.dtype == torch.float64 for v in logs.values())
+    for _ in range(2):
+        record, _, _ = step(f64, optimizer)
+        assert all(v.dtype == torch.float64 for v in record.reported().values())
     assert all(
         s[k].dtype == torch.float64 for s in optimizer.state.values() for k in ("exp_avg", "exp_avg_sq")
     )
     output, output_ema = f64.result()
     assert output.dtype == output_ema.dtype == torch.float64
     with pytest.raises(ValueError, match="float32 or float64"):
-        DIPMethod(settings, "denoising", images.half())
+        DIP(settings, dtype=torch.half)
 
 
 def test_sr_draws_z_before_the_net_and_float64_keeps_the_unrounded_kernel():
-    settings = _tiny_settings(sr_factor=4, exp_weight=None, backtracking="off")
-    dip = DIPMethod(settings, "super_resolution", torch.rand(1, 3, 8, 8, dtype=torch.float64), seed=5)
+    settings = _tiny_settings(task="super_resolution", sr_factor=4, exp_weight=None,
+                              backtracking="off")
+    dip = _started(settings, torch.rand(1, 3, 8, 8), dtype=torch.float64, seed=5)
     # The SR notebook draws z before building the net (its float64 trace's seed reproduces its
     # weights and z only in this order); the other notebooks build the net first.
     with torch.random.fork_rng(devices=[]):
@@ -548,8 +595,9 @@ def test_recorded_initial_state_and_perturbations_replace_the_draws():
     settings = _tiny_settings(exp_weight=None, backtracking="off")
     images = torch.rand(2, 3, 32, 32, dtype=torch.float64)
     eps = torch.randn(4, 2, 4, 32, 32, dtype=torch.float64)
-    dip = DIPMethod(settings, "denoising", images, seed=[1, 2], perturbations=lambda step: eps[step])
-    fresh = DIPMethod(settings, "denoising", images, seed=[1, 2])
+    dip = _started(settings, images, dtype=torch.float64, seeds=[1, 2],
+                   perturbations=lambda step: eps[step])
+    fresh = _started(settings, images, dtype=torch.float64, seeds=[1, 2])
     net = skip(**settings.skip_kwargs(4, 3), dtype=torch.float64)
     z = torch.rand(1, 4, 32, 32, dtype=torch.float64) * 0.1
     dip.load_initial_state(1, net.state_dict(), z)
@@ -562,10 +610,9 @@ def test_recorded_initial_state_and_perturbations_replace_the_draws():
     assert torch.equal(dip.network_input(3), dip.net_input_saved + eps[3] * settings.reg_noise_std)
     with pytest.raises(KeyError, match="missing"):
         dip.load_initial_state(0, {k: v for k, v in net.state_dict().items() if k != "2.weight"})
-    optimizer = dip.make_optimizer()
-    dip.fit_step(optimizer, 0)
+    _fit(dip, 1)
     with pytest.raises(RuntimeError, match="before the first step"):
         dip.load_initial_state(0, net.state_dict())
-    bad = DIPMethod(settings, "denoising", images, perturbations=lambda step: eps[step][:1])
+    bad = _started(settings, images, dtype=torch.float64, perturbations=lambda step: eps[step][:1])
     with pytest.raises(ValueError, match="perturbations"):
-        bad.step_loss(0)
+        bad.loss()

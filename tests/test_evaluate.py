@@ -25,13 +25,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 import yaml
+from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 
+from genprior import engine
+from genprior.callbacks import WandbReport
+from genprior.cli.evaluate import list_subset, run_evaluate
 from genprior.config import compose, presets_root
-from genprior.evaluate import run_evaluate
+from genprior.datamodules import ImageRecordDataset
 from genprior.results import (
     ResultsWriter,
     iter_rows,
@@ -374,6 +379,57 @@ def test_several_processes_from_python_are_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_a_shard_is_one_fit_reading_each_image_when_its_batch_comes_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, evaluate_one_thread
+) -> None:
+    """One Trainer.fit for the whole shard, "auto" resolved once for it, and every image read
+    only when its batch comes up: by then the rows of the images before it are on disk."""
+    folder = _synthetic_folder(tmp_path / "images", good=3)
+    out = tmp_path / "out"
+    fits: list[L.Trainer] = []
+    sizes: list[int] = []
+    rows_when_read: dict[str, list[str]] = {}
+    fit, choose, read = L.Trainer.fit, engine.choose_batch_size, ImageRecordDataset.read
+
+    def counted_fit(self: L.Trainer, *args: Any, **kwargs: Any) -> Any:
+        fits.append(self)
+        return fit(self, *args, **kwargs)
+
+    def counted_choice(*args: Any, **kwargs: Any) -> int:
+        sizes.append(choose(*args, **kwargs))
+        return sizes[-1]
+
+    def watched_read(self: ImageRecordDataset, item: Any) -> Any:
+        rows_when_read[item.id] = [r["id"] for r in _raw_rows(out)]
+        return read(self, item)
+
+    monkeypatch.setattr(L.Trainer, "fit", counted_fit)
+    monkeypatch.setattr(engine, "choose_batch_size", counted_choice)
+    monkeypatch.setattr(ImageRecordDataset, "read", watched_read)
+    assert evaluate_one_thread([*TINY, "trainer.batch_size=auto", f"data.source={folder}",
+                                f"output.dir={out}"]) == 0
+    assert len(fits) == 1
+    assert sizes == [1]  # "auto" on a CPU
+    assert rows_when_read == {"broken0": [], "img0": ["broken0"], "img1": ["broken0", "img0"],
+                              "img2": ["broken0", "img0", "img1"]}
+    assert [r["status"] for r in _raw_rows(out)] == ["failed", "ok", "ok", "ok"]
+
+
+def test_wandb_report_is_a_callback_that_only_rank_zero_acts_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = compose([*TINY, "logger=wandb", "logger.mode=offline", f"output.dir={tmp_path}"])
+    report = WandbReport(cfg, tmp_path, tmp_path / "results", {"img0"})
+    assert isinstance(report, L.Callback) and report.enabled
+    monkeypatch.setattr(rank_zero_only, "rank", 1)  # as on every other rank of evaluate.py
+    report.start(total=1)
+    report.on_train_epoch_end(None, None)  # type: ignore[arg-type]
+    report.log_table("t", ["a"], [[1]])
+    report.finish([], [], {"subset": 1}, tmp_path)
+    assert report.run is None and report.mirror == {}
+    assert list(tmp_path.iterdir()) == []  # no W&B run, no mirror
+
+
 # ---------------------------------------------------------------- results file format
 def test_rows_survive_a_cut_off_write_and_dedupe_by_id(tmp_path: Path) -> None:
     path = tmp_path / "results" / "rank0.jsonl"
@@ -480,8 +536,6 @@ def test_data_presets_pick_the_datamodule_and_subset(tmp_path: Path) -> None:
 
     import lmdb
 
-    from genprior.evaluate import list_subset
-
     path = tmp_path / "bedroom_val_lmdb"
     env = lmdb.open(str(path), map_size=1 << 24)
     keys = [f"{k:040x}" for k in (5, 1, 9, 3)]
@@ -498,12 +552,14 @@ def test_data_presets_pick_the_datamodule_and_subset(tmp_path: Path) -> None:
     assert len(items) == 2 and [i.id for i in items] == sorted(i.id for i in items)
     records = dm.make_dataset(items)
     assert records[0]["error"] == "" and tuple(records[0]["image"].shape) == (3, 128, 128)
+    read = records.read(items[0])  # what the engine calls when the image's batch comes up
+    assert read.usable and torch.equal(read.image, records[0]["image"]) and items[0].image is None
 
     folder = _synthetic_folder(tmp_path / "images", good=3, corrupt=0)
     listing = tmp_path / "list.txt"
     listing.write_text("img2.png 5\nimg0.png 5\nimg1.png 6\n")
     cfg = compose([*TINY, "data=folder", f"data.source={listing}", "data.subset.per_class=1"])
     dm, items = list_subset(cfg)
-    assert [(i.id, i.class_index) for i in items] == [("img2", 5), ("img1", 6)]
+    assert [(i.id, i.class_id) for i in items] == [("img2", 5), ("img1", 6)]
     cfg = compose([*TINY, "data=folder", f"data.source={folder}", "data.limit=2"])
     assert [i.id for i in list_subset(cfg)[1]] == ["img0", "img1"]

@@ -20,12 +20,13 @@ import pytest
 import torch
 from torch import Tensor
 
+from genprior.config import compose
 from genprior.degradations import build_degradation
+from genprior.engine import ImageBatches, Reconstruction, make_trainer
 from genprior.image_io import load_image, preprocess
-from genprior.methods.dgp import DGP, DGPSettings
+from genprior.items import ImageItem
+from genprior.methods.dgp import DGP, DGPConfig
 from genprior.priors.biggan import Discriminator, Generator
-from genprior.reconstruction import Reconstruction, StepLoader
-from genprior.schedule import Stage
 
 pytestmark = pytest.mark.shared
 
@@ -56,20 +57,18 @@ def others(shared_dir: Path) -> list[tuple[Tensor, int]]:
 
 
 # ------------------------------------------------------------------------------- building
-def settings_of(trace: dict[str, Any]) -> DGPSettings:
+def settings_of(trace: dict[str, Any]) -> DGPConfig:
     h = trace["hyperparameters"]
     n = len(h["iterations"])
-    stages = [
-        Stage(iterations=int(h["iterations"][s]), G_lr=float(h["G_lrs"][s]), z_lr=float(h["z_lrs"][s]),
-              ftr_num=int(h["ftr_num"][s]), ft_num=int(h["ft_num"][s]), lr_ratio=float(h["lr_ratio"][s]),
-              w_D_loss=float(h["w_D_loss"][s]), w_mse=float(h["w_mse"][s]), w_percep=0.0,
-              use_in=bool(h["use_in"][s]))
-        for s in range(n)
-    ]
-    return DGPSettings(stages=stages, w_nll=float(h["w_nll"]), select_num=0,
-                       update_G=bool(h["update_G"]), update_embed=bool(h["update_embed"]),
-                       warm_up=int(h["warm_up"]), stop_mse=float(h["stop_mse"]),
-                       stop_ftr=float(h["stop_ftr"]), betas=(float(h["G_B1"]), float(h["G_B2"])))
+    return DGPConfig(
+        iterations=[int(v) for v in h["iterations"]], G_lrs=[float(v) for v in h["G_lrs"]],
+        z_lrs=[float(v) for v in h["z_lrs"]], ftr_num=[int(v) for v in h["ftr_num"]],
+        ft_num=[int(v) for v in h["ft_num"]], lr_ratio=[float(v) for v in h["lr_ratio"]],
+        w_D_loss=[float(v) for v in h["w_D_loss"]], w_mse=[float(v) for v in h["w_mse"]],
+        w_percep=[0.0] * n, use_in=[bool(v) for v in h["use_in"]], w_nll=float(h["w_nll"]), select_num=0,
+        update_G=bool(h["update_G"]), update_embed=bool(h["update_embed"]), warm_up=int(h["warm_up"]),
+        stop_mse=float(h["stop_mse"]), stop_ftr=float(h["stop_ftr"]), G_B1=float(h["G_B1"]),
+        G_B2=float(h["G_B2"]))
 
 
 def build(tiny: dict[str, Any], trace: dict[str, Any]) -> DGP:
@@ -127,19 +126,23 @@ class Recorder(L.Callback):
                 image.stage_end_x.append(pl_module.last_x[b].detach().clone())
 
 
+# A float64 run on the CPU, as ``trainer.precision=64-true`` asks for; no files, no loggers.
+CFG = compose(["trainer.precision=64-true", "trainer.accelerator=cpu", "logger=none",
+               "trainer.enable_progress_bar=false"])
+
+
 def fit(method: DGP, images: Tensor, classes: list[int], initial_z: Tensor,
-        previous: Any = None) -> tuple[Reconstruction, Recorder]:
-    """One batch through the LightningModule and a float64 Trainer, as train.py fits it."""
+        module: Reconstruction | None = None) -> tuple[Reconstruction, Recorder]:
+    """One batch of images through the engine's LightningModule, datamodule and Trainer, as
+    train.py fits it, each image starting from its given z. ``module``: a module that already
+    fitted a batch (its optimizer carries over with dgp.carry_optimizer_state)."""
     ids = [f"image{b}" for b in range(images.shape[0])]
-    gens = [torch.Generator().manual_seed(b) for b in range(images.shape[0])]
-    method.start(images, torch.tensor(classes), ids, gens, initial_z=initial_z)
+    items = [ImageItem(id=i, path=i, class_id=c, image=img) for i, c, img in zip(ids, classes, images)]
+    method.initial_latents = dict(zip(ids, initial_z))
     recorder = Recorder(images.shape[0])
-    module = Reconstruction(method, betas=method.betas, eps=method.eps, previous_optimizer=previous,
-                            fused_optimizer=method.perf.fused_optimizer)
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision="64-true", max_steps=method.total_steps(),
-                        max_epochs=1, logger=False, callbacks=[recorder], enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, train_dataloaders=StepLoader(method.total_steps()))
+    module = module or Reconstruction(method, fused_optimizer=method.perf.fused_optimizer)
+    trainer = make_trainer(CFG, None, [recorder], quiet=True)
+    trainer.fit(module, datamodule=ImageBatches(items, len(items), method.total_steps()))
     return module, recorder
 
 
@@ -185,7 +188,7 @@ def measure(method: DGP, b: int, replay: Replay, trace: dict[str, Any]) -> dict[
         out["metrics"] = max(elementwise_rel(torch.stack(replay.metrics[key])[:n], ref[:n])
                              for key, ref in trace["per_step_metrics"].items())
     deltas, in_biases = [0.0], [0.0]
-    use_in = any(st.use_in for st in method.settings.stages)
+    use_in = any(st.use_in for st in method.stages)
     for key, delta in trace["G_state_delta_l2_per_key"].items():
         got = float((method.image_state(b)[key] - method.G_weight[key]).norm())
         if use_in and key.endswith(".0.conv1.bias"):
@@ -206,7 +209,7 @@ def check(method: DGP, b: int, replay: Replay, trace: dict[str, Any], metrics: b
     # Learning rates are Python floats computed the same way: exact.
     assert torch.equal(torch.tensor(replay.lrs, dtype=torch.float64), trace["per_step_lrs_G_groups_then_z"])
     # Early stopping: the global steps where the condition held, and the stages it ended.
-    s = method.settings
+    s = method.config
     held = [k + 1 for k in range(n) if float(replay.losses["mse"][k]) < s.stop_mse
             or float(replay.losses["ftr"][k]) < s.stop_ftr]
     assert held == list(trace["stop_condition_global_steps"])
@@ -246,13 +249,14 @@ def test_trace_alone(traces: dict[str, Any], tiny: dict[str, Any], name: str, th
 
 def test_carried_adam_state_alone(traces: dict[str, Any], tiny: dict[str, Any]) -> None:
     """main.py's second image, optimised with the first image's Adam state (quirk 3), through
-    ``dgp.carry_optimizer_state`` (Reconstruction's previous_optimizer)."""
+    ``dgp.carry_optimizer_state`` (the module keeps the previous batch's optimizer)."""
     first, second = traces["trace_SR"], traces["trace_SR_second_image_same_DGP_object"]
     method = build(tiny, first)
     module, recorder = fit(method, first["target_origin"], [int(first["class_y"])], first["initial_z"])
     check(method, 0, recorder.images[0], first, metrics=False)
+    method.carry_optimizer_state = True
     _, recorder = fit(method, second["target_origin"], [int(second["class_y"])], second["initial_z"],
-                      previous=module.optimizer)
+                      module=module)
     check(method, 0, recorder.images[0], second)
 
 
@@ -308,5 +312,6 @@ def test_carried_adam_state_inside_batches(traces: dict[str, Any], tiny: dict[st
     images, classes, z = batch_with_others(first, others, 2)
     module, _ = fit(method, images, classes, z)
     images, classes, z = batch_with_others(second, others, 2, first=2)
-    _, recorder = fit(method, images, classes, z, previous=module.optimizer)
+    method.carry_optimizer_state = True
+    _, recorder = fit(method, images, classes, z, module=module)
     check(method, 0, recorder.images[0], second)

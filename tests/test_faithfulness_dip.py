@@ -2,8 +2,9 @@
 
 The traces are the closures of denoising.ipynb, inpainting.ipynb and super-resolution.ipynb,
 run unmodified in float64 on narrow networks (TRACES_F64.md). Each trace is replayed through
-the real Reconstruction LightningModule and a Lightning Trainer with ``precision="64-true"``,
-from the trace's initial weights, z and per-step ε, alone (B = 1, at 1 and 2 threads) and in
+``DIP`` in the engine's Reconstruction LightningModule and the engine's Trainer
+(``make_trainer``, ``trainer.precision=64-true``), from the trace's observations, initial
+weights, z and per-step ε, alone (B = 1, at 1 and 2 threads) and in
 the middle of a batch of three (the other two with their own images, seeds, z and ε; at the
 session's thread count), and compared twice, both times with TRACES_F64.md's tolerances
 (max|a - b| / max|b| per tensor; parameter deltas per parameter):
@@ -56,16 +57,17 @@ from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio
 from torch import Tensor
 
+from genprior.config import compose
+from genprior.engine import ImageBatches, Reconstruction, make_trainer
+from genprior.items import ImageBatch, ImageItem
 from genprior.methods.dip import (
-    DIPMethod,
-    DIPSettings,
+    DIP,
+    DIPConfig,
     load_image,
     noisy_observation,
     pil_to_tensor,
 )
-from genprior.methods.dip_runner import DIPFit
-from genprior.priors.dip import Downsampler, get_net, get_noise, skip
-from genprior.reconstruction import Reconstruction, StepLoader
+from genprior.priors.dip_nets import Downsampler, get_net, get_noise, skip
 
 pytestmark = pytest.mark.shared
 
@@ -203,8 +205,8 @@ def original_loop(trace: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------- genprior
-def settings_of(trace: dict[str, Any]) -> DIPSettings:
-    """DIPSettings of the trace's notebook and narrow network (TRACES_F64.md, table)."""
+def settings_of(trace: dict[str, Any]) -> DIPConfig:
+    """DIPConfig of the trace's notebook and narrow network (TRACES_F64.md, table)."""
     c = trace["config"]
     kwargs = c["net"]["kwargs"]
     if c["net"]["builder"] == "get_net":  # SPEC §4: widths repeated num_scales times
@@ -228,8 +230,8 @@ def settings_of(trace: dict[str, Any]) -> DIPSettings:
     else:  # Lanczos2 forward model, TV weight 0, the last perturbed input (SPEC §8.2)
         per_task = {"exp_weight": None, "backtracking": "off", "final_input": "perturbed",
                     "sr_factor": c["factor"], "sr_kernel": c["kernel_type"], "tv_weight": c["tv_weight"]}
-    return DIPSettings(task=task, num_iter=c["num_iter"], lr=c["lr"], input_depth=c["input_depth"],
-                       reg_noise_std=c["reg_noise_std"], pad="reflection", **net, **per_task)
+    return DIPConfig(task=task, num_iter=c["num_iter"], lr=c["lr"], input_depth=c["input_depth"],
+                     reg_noise_std=c["reg_noise_std"], pad="reflection", **net, **per_task)
 
 
 @dataclass
@@ -294,23 +296,28 @@ class Recorder(L.Callback):
         self.index, self.task, self.snapshot_steps = index, task, snapshot_steps
         self.record: dict[str, Any] = {"out_snapshots": {}}
         self._output: Tensor | None = None
+        self._hooks: list[Any] = []
 
     def _add(self, key: str, value: Any) -> None:
         self.record.setdefault(key, []).append(value)
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+    def attach(self, method: DIP) -> None:
+        """Watches the networks of a started batch: the counters each step's forward starts
+        from (before backtracking moves them), and the image's output."""
+        b = self.index
+
+        def before(module: Any, args: Any) -> None:
+            self._add("i_at_call", int(method.iteration[b]))
+            self._add("psnr_noisy_last_before", float(method.psnr_last[b]))
+
         def keep(module: Any, args: Any, out: Tensor) -> None:
-            self._output = out[self.index : self.index + 1].detach().clone()
+            self._output = out[b : b + 1].detach().clone()
 
-        self._hook = pl_module.method.dip.nets.register_forward_hook(keep)
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        dip = pl_module.method.dip
-        self._add("i_at_call", int(dip.iteration[self.index]))
-        self._add("psnr_noisy_last_before", float(dip.psnr_last[self.index]))
+        self._hooks = [method.nets.register_forward_pre_hook(before), method.nets.register_forward_hook(keep)]
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        logs = pl_module.last_record.logs
+        assert pl_module.aborted is None, pl_module.aborted
+        logs = pl_module.last_record.terms
         assert all(v.dtype == torch.float64 for v in logs.values())
         assert self._output is not None and self._output.dtype == torch.float64
         b, step = self.index, len(self.record.get("loss", []))
@@ -324,48 +331,66 @@ class Recorder(L.Callback):
             self._add("fell_back", int(logs["fell_back"][b]))
             self._add("batch_fell_back", [int(v) for v in logs["fell_back"]])
         if self.task == "super_resolution":
-            self._add("loss_mse", float(pl_module.method.dip.last_mse[b]))
+            self._add("loss_mse", float(pl_module.method.last_mse[b]))
             self._add("psnr_LR", float(logs["psnr_observed"][b]))
             self._add("psnr_HR", float(logs["psnr_gt"][b]))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        self._hook.remove()
+        for hook in self._hooks:
+            hook.remove()
+
+
+class Replay(DIP):
+    """DIP started from recorded values: the batch's observations, seeds and ε are the images'
+    (the trace's for the traced one), and the traced image starts from the trace's weights and
+    z. Only ``start`` differs from the DIP that train.py runs: what DIP would observe of the
+    images (its own AWGN, crops) is replaced by what the notebooks observed."""
+
+    def __init__(self, settings: DIPConfig, trace: dict[str, Any], images: list[BatchImage], position: int,
+                 recorder: Recorder) -> None:
+        super().__init__(settings, dtype=torch.float64)
+        self.trace, self.images, self.position, self.recorder = trace, images, position, recorder
+
+    def start(self, batch: ImageBatch) -> None:
+        images = self.images
+        masks = [im.mask for im in images]
+        self.start_observed(batch.ids, torch.cat([im.observation for im in images]),
+                            mask=torch.cat(masks) if masks[0] is not None else None,
+                            clean=torch.cat([im.clean for im in images]), seeds=[im.seed for im in images],
+                            perturbations=lambda step: torch.cat([im.eps(step) for im in images]))
+        self.load_initial_state(self.position, self.trace["init_state_dict"], self.trace["net_input"])
+        self.recorder.attach(self)
 
 
 def replay(trace: dict[str, Any], others: list[BatchImage], position: int = 0,
            batched_forward: str = "auto", fused_optimizer: bool = False) -> dict[str, Any]:
-    """The traced image at ``position`` among ``others`` through Reconstruction and a float64
-    Trainer, from the trace's initial weights and z, with the trace's ε; its record."""
+    """The traced image at ``position`` among ``others`` through the engine's Reconstruction and
+    Trainer in float64, from the trace's initial weights and z, with the trace's ε; its record."""
     images = list(others)
     images.insert(position, traced_image(trace))
     settings = settings_of(trace)
     settings.batched_forward = batched_forward
-    masks = [im.mask for im in images]
-    dip = DIPMethod(settings, None, torch.cat([im.observation for im in images]),
-                    mask=torch.cat(masks) if masks[0] is not None else None,
-                    clean=torch.cat([im.clean for im in images]), seed=[im.seed for im in images],
-                    perturbations=lambda step: torch.cat([im.eps(step) for im in images]))
-    assert dip.dtype == torch.float64 and all(p.dtype == torch.float64 for p in dip.parameters())
-    dip.load_initial_state(position, trace["init_state_dict"], trace["net_input"])
-    fit = DIPFit(dip, [f"image{b}" for b in range(len(images))], dip.observation)
     recorder = Recorder(position, trace["task"], trace["config"]["snapshot_steps"])
-    module = Reconstruction(fit, betas=fit.betas, eps=fit.eps, fused_optimizer=fused_optimizer)
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision="64-true", max_steps=fit.total_steps(),
-                        max_epochs=1, logger=False, callbacks=[recorder], enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, train_dataloaders=StepLoader(fit.total_steps()))
-    assert fit.step == settings.num_iter
+    method = Replay(settings, trace, images, position, recorder)
+    # The items carry the ground truth; Replay observes them as the notebooks did.
+    items = [ImageItem(id=f"image{b}", path=trace["config"]["image"], image=im.clean[0])
+             for b, im in enumerate(images)]
+    cfg = compose(["trainer=cpu", "trainer.precision=64-true", "trainer.enable_progress_bar=false", "logger=none"])
+    module = Reconstruction(method, fused_optimizer=fused_optimizer)
+    make_trainer(cfg, None, [recorder]).fit(module, datamodule=ImageBatches(items, len(items), method.total_steps()))
+    assert method.step_count == settings.num_iter and method.progress.all_done()
+    assert method.dtype == torch.float64 and all(p.dtype == torch.float64 for p in method.parameters())
     assert all(s.dtype == torch.float64 for g in module.optimizer.state.values()
                for s in (g["exp_avg"], g["exp_avg_sq"]))
     record = recorder.record
     n = settings.num_iter
     if settings.final_input == "perturbed":  # the notebooks' global net_input, bit for bit
-        assert torch.equal(dip.network_input(n - 1)[position : position + 1], trace["last_net_input"])
-    output, ema = dip.result()
+        assert torch.equal(method.network_input(n - 1)[position : position + 1], trace["last_net_input"])
+    output, ema = method.result()
     record["out_final"] = output[position : position + 1]
     if ema is not None:
         record["ema_final"] = ema[position : position + 1]
-    record["params"] = {name: p[position] for name, p in dip.nets.stacked().items()}
+    record["params"] = {name: p[position] for name, p in method.nets.stacked().items()}
     return record
 
 
@@ -534,7 +559,7 @@ def check(loops: Loops, name: str, got: dict[str, Any], how: str = "B = 1") -> N
 
 def seeded_draws(trace: dict[str, Any]) -> tuple[dict[str, Tensor], Tensor]:
     """The trace's initial state_dict and z drawn by genprior in float64 under the trace's seed,
-    in DIPMethod's order (SR: z before the net, the SR notebook's order)."""
+    in DIP's order (SR: z before the net, the SR notebook's order)."""
     c = trace["config"]
 
     def draw_z() -> Tensor:

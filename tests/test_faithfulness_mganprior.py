@@ -2,11 +2,11 @@
 
 The traces are the original multi-code inversion (``PGGAN-Multi-Z``, ``GradientDescent.invert``
 with plain SGD, the task loss wrappers) on the tiny PGGAN, run in float64 on a CPU
-(TRACES_F64.md). Every trace is replayed through the real Reconstruction LightningModule and a
-Lightning Trainer with ``precision="64-true"``, alone (B = 1, at 1 and 2 threads) and inside a
-batch of other LSUN images (at the session's thread count), and compared at TRACES_F64.md's
-rtol 1e-12 (max|a - b| / max|b| per tensor). The rounding envelope below is measured at the
-replay's own thread count.
+(TRACES_F64.md). Every trace is replayed through the engine's Reconstruction LightningModule,
+ImageBatches datamodule and Trainer (``engine.make_trainer``, ``precision="64-true"``), alone
+(B = 1, at 1 and 2 threads) and inside a batch of other LSUN images (at the session's thread
+count), and compared at TRACES_F64.md's rtol 1e-12 (max|a - b| / max|b| per tensor). The
+rounding envelope below is measured at the replay's own thread count.
 
 How far 1e-12 reaches. SGD at lr 1 on z and α amplifies rounding: on a 2-core AVX-512 CPU a
 one-ulp change of every initial code grows, by the last step, to ~1e-10 (inversion), ~2e-6
@@ -47,16 +47,18 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from genprior.config import compose
+from genprior.engine import ImageBatches, Reconstruction, make_trainer
 from genprior.image_io import load_image, preprocess
+from genprior.items import ImageBatch, ImageItem
 from genprior.methods.mganprior import (
+    MGANConfig,
     MGANPrior,
-    MGANSettings,
     VGGFeatureLoss,
     build_mgan_degradation,
 )
 from genprior.priors.pggan import PGGANGenerator
-from genprior.priors.pggan_checkpoints import get_entry
-from genprior.reconstruction import Reconstruction, StepLoader
+from genprior.priors.registry import get
 
 pytestmark = pytest.mark.shared
 
@@ -70,12 +72,15 @@ ENVELOPE = 100.0
 # the traces' task -> genprior's mGANprior task (MGAN_TASKS); mask-1.png is a mask file
 TASKS = {"inversion": "inversion", "colorization": "colorization", "inpainting": "mask_image",
          "super_resolution": "sr", "inversion_perceptual": "inversion"}
-# Term names of the traces -> MGANStepRecord fields; "total" is the task loss of the step.
-TERMS = {"total": "total", "mse": "l2", "l1": "l1", "vgg": "vgg"}
+# Term names of the traces -> the step record's reported losses; "total" is the task loss of the step.
+TERMS = {"total": "loss", "mse": "l2_loss", "l1": "l1_loss", "vgg": "vgg_loss"}
 # Images of shared/data/lsun that share a batch with a traced one (an LSUN PNG and a SUN JPEG);
 # neither is traced.
 OTHERS = ["inpainting/bedroom/0000a6c6091e1427d705821a4a4e3df5c4c91092.png",
           "gan_inversion/church/sun_aifqshyiulwfhaua.jpg"]
+# How train.py fits in float64 on a CPU.
+CFG = compose(["trainer.precision=64-true", "trainer.accelerator=cpu", "logger=none",
+               "trainer.enable_progress_bar=false"])
 
 
 # ------------------------------------------------------------------------------- building
@@ -98,12 +103,12 @@ def build(ref: dict[str, Any], name: str, lsun: Path) -> MGANPrior:
     task's degradation, and for the Combine trace the small VGG of the trace."""
     trace = ref["traces"][name]
     config, args = trace["config"], trace["config"]["args"]
-    entry = get_entry("pggan_tiny")
-    assert (entry.fmaps_base, entry.fmaps_max) == (ref["pggan_config"]["fmaps_base"],
-                                                   ref["pggan_config"]["fmaps_max"])
-    G = PGGANGenerator(**entry.generator_kwargs()).double()
+    spec = get("pggan_tiny")
+    assert (spec.kwargs["fmaps_base"], spec.kwargs["fmaps_max"]) == (
+        ref["pggan_config"]["fmaps_base"], ref["pggan_config"]["fmaps_max"])
+    G = PGGANGenerator(**spec.kwargs).double()
     G.load_state_dict(ref["pggan_state_dict_f64"])
-    settings = MGANSettings(
+    mgan_config = MGANConfig(
         composing_layer=int(config["composing_layer"]), z_number=int(config["z_number"]),
         iterations=int(config["iterations"]), optimization=str(args["optimization"]),
         lr=float(config["lr"]), l2_lambda=float(args["l2_lambda"]), l1_lambda=float(args["l1_lambda"]),
@@ -118,7 +123,7 @@ def build(ref: dict[str, Any], name: str, lsun: Path) -> MGANPrior:
         features.load_state_dict(trace["vgg_features_state_dict"])
         perceptual = VGGFeatureLoss(features, image_size=int(args["image_size"]),
                                     loss_type=str(args["vgg_loss_type"]))
-    return MGANPrior(G, settings, degradation, perceptual=perceptual, task=TASKS[name])
+    return MGANPrior(G, mgan_config, degradation, perceptual=perceptual, task=TASKS[name])
 
 
 def load_target(lsun: Path, relative: str) -> Tensor:
@@ -146,25 +151,27 @@ class Recorder(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         method = pl_module.method
-        record = pl_module.last_record
+        reported = pl_module.last_record.reported()
         for b, image in enumerate(self.images):
-            for key, attr in TERMS.items():
-                image.losses.setdefault(key, []).append(getattr(record, attr)[b].clone())
+            for key, name in TERMS.items():
+                image.losses.setdefault(key, []).append(reported[name][b].clone())
             image.z.append(method.z[b].detach().clone())
             image.alpha.append(method.alpha[b].detach().clone())
 
 
+def items(images: Tensor) -> list[ImageItem]:
+    return [ImageItem(f"image{b}", f"memory:image{b}", image=image) for b, image in enumerate(images)]
+
+
 def fit(method: MGANPrior, images: Tensor, initial_z: Tensor) -> list[Replay]:
-    """One batch through the LightningModule and a float64 Trainer, as train.py fits it."""
-    B = images.shape[0]
-    method.start(images, None, [f"image{b}" for b in range(B)],
-                 [torch.Generator().manual_seed(b) for b in range(B)], initial_z=initial_z)
-    recorder = Recorder(B)
-    module = Reconstruction(method)
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision="64-true", max_steps=method.total_steps(),
-                        max_epochs=1, logger=False, callbacks=[recorder], enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, train_dataloaders=StepLoader(method.total_steps()))
+    """One batch through the engine's LightningModule, datamodule and float64 Trainer, as
+    train.py fits it, each image starting from its given codes."""
+    batch = items(images)
+    method.initial_latents = {item.id: z for item, z in zip(batch, initial_z)}
+    recorder = Recorder(len(batch))
+    trainer = make_trainer(CFG, None, [recorder], quiet=True)
+    trainer.fit(Reconstruction(method), datamodule=ImageBatches(batch, len(batch), method.total_steps()))
+    assert not trainer.lightning_module.aborted and not trainer.lightning_module.failed
     final = method.final_output()
     for b, image in enumerate(recorder.images):
         image.output = final[b]
@@ -308,7 +315,8 @@ def test_trace_alone(ref: dict[str, Any], lsun: Path, replays: Replays, name: st
     # The original's inputs, as genprior's float64 run makes them (TRACES_F64.md, dtype rules).
     method = build(ref, name, lsun)
     target = load_target(lsun, trace["config"]["image"])
-    method.start(target[None], None, ["image"], [torch.Generator()], initial_z=trace["z_init"])
+    method.initial_latents = {"image0": trace["z_init"][0]}
+    method.start(ImageBatch.of(items(target[None])))
     assert method.dtype == torch.float64 and method.target.dtype == torch.float64
     # to_tensor divides by 255 in float64 under a float64 default dtype: exactly this.
     assert torch.equal(method.target_origin[0], (trace["target_uint8"].double() / 255 - 0.5) * 2)

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from genprior.cli.train import run_train
 from genprior.config import ConfigError, compose
-from genprior.factory import load_biggan_prior
 from genprior.perf import perf_settings
+from genprior.precision import run_dtype
 from genprior.priors.biggan import Discriminator, Generator
-from genprior.train import run_train
+from genprior.priors.registry import build_biggan
 
 BASE = ["prior=biggan_tiny", "task=colorization", "dgp.iterations=[2,1,1,1,1]", "dgp.select_num=3",
         "trainer.enable_progress_bar=false", "logger=csv"]
@@ -55,7 +56,7 @@ def test_published_float32_weights_load_exactly_into_float64_models(tmp_path: Pa
     cfg = compose(["prior=biggan_tiny", "task=colorization", "prior.weights=pretrained",
                    f"prior.G_path={tmp_path / 'G.pth'}", f"prior.D_path={tmp_path / 'D.pth'}",
                    "trainer.precision=64-true"])
-    G, D = load_biggan_prior(cfg, torch.device("cpu"))
+    G, D = build_biggan(cfg.prior, dtype=run_dtype(cfg), device="cpu")
     assert G.linear.weight.dtype == torch.float64 and D.linear.weight.dtype == torch.float64
     for model, state in ((G, g_state), (D, d_state)):
         loaded = model.state_dict()

@@ -2,7 +2,7 @@
 
 Everything runs on the tiny random BigGAN (prior=biggan_tiny) on the CPU. The unit tests use a
 DGP whose per-image tensors were moved by hand (a "fit" without the optimisation); the
-end-to-end tests run train.py with a few steps.
+end-to-end tests run train.py (genprior.tasks.manipulation.run) with a few steps.
 """
 
 from __future__ import annotations
@@ -16,20 +16,28 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import OmegaConf
 from PIL import Image
 
+from genprior import engine
+from genprior.callbacks import ResultRows, SaveReconstructions
+from genprior.cli.train import run_train
 from genprior.config import compose
-from genprior.factory import DGPRunner, load_biggan_prior
-from genprior.manipulation import (
+from genprior.items import ImageBatch, ImageItem
+from genprior.methods import DGP
+from genprior.priors.registry import build_biggan
+from genprior.saved import SavedReconstruction, SavedReconstructionError, weights_identity
+from genprior.tasks import manipulation
+from genprior.tasks.manipulation import (
     FittedPrior,
     category_transfer,
     interpolate_states,
     jitter,
+    log_media,
     morph,
     resolve_classes,
 )
-from genprior.saved import SavedReconstruction, SavedReconstructionError, weights_identity
-from genprior.train import ImageItem, run_train
 
 TINY = ["prior=biggan_tiny", "trainer.accelerator=cpu", "dgp.select_num=0", "dgp.update_embed=true"]
 # A frame rendered in a batch of several images (or by the fit's stacked renderer) runs other
@@ -40,20 +48,24 @@ RENDER_ATOL = 3e-5
 
 
 def _prior_dict(cfg: Any) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
     return OmegaConf.to_container(cfg.prior, resolve=True)  # type: ignore[return-value]
+
+
+def _fresh_prior(cfg: Any) -> FittedPrior:
+    """A prior built from the config alone, as a later run editing saved files does."""
+    G, _ = build_biggan(cfg.prior, need_D=False)
+    return FittedPrior(G, dict(G.state_dict()), _prior_dict(cfg))
 
 
 @pytest.fixture(scope="module")
 def fitted() -> dict[str, Any]:
     """Two images "fitted" by moving their tensors, z and class embeddings away from the prior."""
     cfg = compose([*TINY, "task=morphing"])
-    runner = DGPRunner(cfg)
+    method = DGP.from_config(cfg)
     gen = torch.Generator().manual_seed(0)
     items = [ImageItem(id=name, path=name, image=torch.rand(3, 128, 128, generator=gen) * 2 - 1,
                        class_id=cls) for name, cls in (("a", 3), ("b", 7))]
-    method = runner.prepare(items)
+    method.start(ImageBatch.of(items))
     with torch.no_grad():
         for t in [*method.trainable.values(), method.embed_weight]:
             t.add_(0.02 * t.std() * torch.randn(t.shape, generator=gen))
@@ -68,9 +80,7 @@ def fitted() -> dict[str, Any]:
 
 def test_saved_reconstruction_reloads_and_renders_identically(fitted: dict, tmp_path: Path) -> None:
     prior, method = fitted["prior"], fitted["method"]
-    # a fresh prior built from the config alone, as a later run would
-    G, _ = load_biggan_prior(fitted["cfg"], torch.device("cpu"), need_D=False)
-    fresh = FittedPrior(G, dict(G.state_dict()), _prior_dict(fitted["cfg"]))
+    fresh = _fresh_prior(fitted["cfg"])
     stacked = method.final_render()
     for b, rec in enumerate(fitted["recs"]):
         before = prior.reconstruction(prior.fitted(rec))
@@ -89,12 +99,11 @@ def test_saved_reconstruction_reloads_and_renders_identically(fitted: dict, tmp_
 
 def test_instance_norm_reconstruction_renders_identically_after_reload(fitted: dict, tmp_path: Path) -> None:
     """A fit whose last stage used IN keeps its initialised IN parameters in the file."""
-    from genprior.methods.dgp import DGP
-
     method, prior = fitted["method"], fitted["prior"]
-    settings = replace(method.settings, stages=[replace(s, use_in=True) for s in method.settings.stages])
-    with_in = DGP(method.G, method.D, settings, method.degradation)
-    with_in.start(method.target_origin[:1], method.y[:1].cpu(), ["c"], [torch.Generator().manual_seed(0)])
+    config = replace(method.config, use_in=[True] * len(method.config.iterations))
+    with_in = DGP(method.G, method.D, config, method.degradation)
+    with_in.start(ImageBatch(images=method.target_origin[:1].cpu(), classes=method.y[:1].cpu(),
+                             ids=["c"], paths=["c"]))
     with torch.no_grad():
         with_in.loss()  # the first IN forward initialises in1/in2 from the BN path (SPEC §3.4)
     rec = SavedReconstruction.from_method(with_in, 0, prior.prior, prior.weights, task="reconstruct")
@@ -194,9 +203,7 @@ def test_corrupt_or_foreign_files_give_clear_errors(fitted: dict, tmp_path: Path
 def test_files_for_another_prior_are_refused(fitted: dict, tmp_path: Path) -> None:
     path = fitted["recs"][0].save(tmp_path / "a.pt")
     # other random weights (init_seed 1): same architecture, different digest
-    cfg = compose([*TINY, "task=jitter", "prior.init_seed=1"])
-    G, _ = load_biggan_prior(cfg, torch.device("cpu"), need_D=False)
-    other = FittedPrior(G, dict(G.state_dict()), _prior_dict(cfg))
+    other = _fresh_prior(compose([*TINY, "task=jitter", "prior.init_seed=1"]))
     with pytest.raises(SavedReconstructionError, match=r"other generator weights.*init_seed=0.*init_seed=1"):
         other.load(path)
     # another architecture (checked from the configs, before any tensor)
@@ -258,9 +265,7 @@ def test_train_py_morphing_fits_saves_and_morphs(morph_run: Path) -> None:
     # frame 001 is the first image's reconstruction, 011 the second's: morph renders each frame
     # as a batch of 1 from the saved state (λ = 0 and 1 are exact), as reconstruction() does,
     # so the 8-bit files match exactly
-    cfg = compose([*FAST, "task=morphing"])
-    G, _ = load_biggan_prior(cfg, torch.device("cpu"), need_D=False)
-    prior = FittedPrior(G, dict(G.state_dict()), _prior_dict(cfg))
+    prior = _fresh_prior(compose([*FAST, "task=morphing"]))
     for frame, name in (("001", "left"), ("011", "right")):
         x = prior.reconstruction(prior.load(morph_run / name))
         pixels = ((x + 1) / 2 * 255).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
@@ -288,21 +293,15 @@ def test_train_py_edits_saved_reconstructions(morph_run: Path, tmp_path: Path) -
     assert len(errors) == 2 and all("other generator weights" in e for e in errors)
 
 
-def test_save_G_writes_a_reconstruction_for_restoration_tasks(fitted: dict, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from genprior.callbacks.saved import SaveReconstructions
-
-    import genprior.factory as factory
-
-    seen: dict[str, Any] = {}
-    monkeypatch.setattr(factory, "run_batches", lambda *a, **k: seen.update(k) or [])
+def test_save_G_writes_a_reconstruction_for_restoration_tasks(fitted: dict, tmp_path: Path) -> None:
     cfg = compose([*TINY, "task=colorization", "output.save_G=true"])
-    runner = factory.DGPRunner(cfg)
-    runner.run([], tmp_path)
-    (saver,) = seen["callbacks"]
-    assert isinstance(saver, SaveReconstructions)
-    # what the callback writes when a fit ends
-    saver.on_train_end(None, SimpleNamespace(method=fitted["method"], failed={1: "NaN loss"}))  # type: ignore[arg-type]
+    method = fitted["method"]
+    (saver,) = [c for c in engine.output_callbacks(cfg, tmp_path, method, {}, ResultRows())
+                if isinstance(c, SaveReconstructions)]
+    # what the callback writes when a batch ends
+    module = SimpleNamespace(method=method, failed={1: "NaN loss"}, aborted=None,
+                             items=[ImageItem(id=i, path=i) for i in method.ids])
+    saver.on_train_epoch_end(None, module)  # type: ignore[arg-type]
     assert saver.written == [tmp_path / "a" / "reconstruction.pt"]
     rec = SavedReconstruction.load(tmp_path / "a")
     assert rec.task == "colorization" and rec.class_id == 3 and rec.weights["source"] == "random"
@@ -310,10 +309,6 @@ def test_save_G_writes_a_reconstruction_for_restoration_tasks(fitted: dict, tmp_
 
 
 def test_media_go_to_loggers_that_take_them() -> None:
-    from lightning.pytorch.loggers import CSVLogger
-
-    from genprior.manipulation import log_media
-
     class MediaLogger:  # the two methods of Lightning's WandbLogger that log_media uses
         def __init__(self) -> None:
             self.calls: list[tuple[str, str, list]] = []
@@ -344,3 +339,35 @@ def test_morphing_two_classes_needs_interpolate_class(fitted: dict, tmp_path: Pa
     (row,) = _rows(out)
     assert row["status"] == "ok" and row["class"] == [3, 7] and row["id"] == "a_b"
     assert sorted(p.name for p in (out / "a_b" / "morph").iterdir()) == ["001.png", "002.png", "003.png"]
+
+
+def test_checks_fail_before_any_fit(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def no_fit(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("fitted before the checks")
+
+    monkeypatch.setattr(engine, "run", no_fit)
+    item = ImageItem(id="x", path="x", image=torch.zeros(3, 128, 128), class_id=1)
+    with pytest.raises(ValueError, match="golden retriever"):
+        manipulation.run(compose([*FAST, "task=category_transfer", "manipulation.classes=[golden retreiver]"]),
+                         tmp_path, items=[item], loggers=[])
+    with pytest.raises(ValueError, match="needs two images"):
+        manipulation.run(compose([*FAST, "task=morphing"]), tmp_path, items=[item], loggers=[])
+    with pytest.raises(ValueError, match=r"prior\.kind is 'dip'"):
+        manipulation.run(compose([*FAST, "task=jitter", "prior=dip_skip"]), tmp_path, items=[item], loggers=[])
+
+
+def test_fit_with_save_G_saves_each_image_once_and_reports_rows(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """output.save_G=true must not add the engine's saver to the task's own; rows reach on_row."""
+    written: list[Path] = []
+    save = SavedReconstruction.save
+    monkeypatch.setattr(SavedReconstruction, "save", lambda self, path: written.append(path) or save(self, path))
+    gen = torch.Generator().manual_seed(0)
+    items = [ImageItem(id="p", path="p", image=torch.rand(3, 128, 128, generator=gen) * 2 - 1, class_id=2)]
+    seen: list[dict] = []
+    rows = manipulation.run(compose([*FAST, "task=jitter", "output.save_G=true", "logger=none"]), tmp_path,
+                            items=items, on_row=seen.append)
+    assert written == [tmp_path / "p" / "reconstruction.pt"]
+    assert [r.get("task") for r in rows] == [None, "jitter"] and all(r["status"] == "ok" for r in rows)
+    assert seen == rows
+    assert (tmp_path / "p" / "jitters.png").is_file()

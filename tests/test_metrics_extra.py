@@ -1,4 +1,4 @@
-"""LPIPS, NIQE, classifier accuracy and colorization AuC (genprior.metrics_extra).
+"""LPIPS, NIQE, classifier accuracy and colorization AuC (genprior.metrics).
 
 Published weights are not available here, so the networks get random weights written to
 tmp_path in the layout of the real files; values are checked against independent
@@ -24,7 +24,7 @@ from skimage.color import rgb2lab
 from torch import Tensor, nn
 
 from genprior.config import MetricsConfig
-from genprior.metrics_extra import (
+from genprior.metrics import (
     EXTRA_METRICS,
     LPIPS,
     NIQE,
@@ -482,7 +482,7 @@ def test_build_metrics_reports_missing_weights_instead_of_failing(tmp_path: Path
         niqe_model=None,
         classifier_weights=str(tmp_path / "resnet50.pth"),
     )
-    with caplog.at_level(logging.WARNING, logger="genprior.metrics_extra"):
+    with caplog.at_level(logging.WARNING, logger="genprior.metrics"):
         metrics = build_metrics(cfg)
     assert list(metrics) == list(EXTRA_METRICS)
     status = metric_status(metrics)
@@ -547,8 +547,7 @@ def test_evaluate_rows_and_summary_hold_the_extra_metrics(tmp_path: Path, alexne
     metric without its file (NIQE, the classifier here) is NaN (null), and the run succeeds."""
     import json
 
-    from genprior.evaluate import run_evaluate
-    from genprior.train import _EXTRA_METRICS_CACHE
+    from genprior.cli.evaluate import run_evaluate
 
     path, _ = alexnet_file
     out = tmp_path / "eval"
@@ -559,7 +558,6 @@ def test_evaluate_rows_and_summary_hold_the_extra_metrics(tmp_path: Path, alexne
         f"metrics.classifier_weights={tmp_path / 'missing_resnet50.pth'}", "data.class_id=3",
         f"output.dir={out}",
     ]
-    _EXTRA_METRICS_CACHE.clear()
     assert run_evaluate(args) == 0
     row = json.loads((out / "results.jsonl").read_text().splitlines()[0])
     assert row["status"] == "ok"

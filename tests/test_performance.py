@@ -14,9 +14,11 @@ import torch
 
 from genprior.config import ConfigError, compose
 from genprior.degradations import build_degradation
-from genprior.methods.dgp import DGP, DGPSettings
+from genprior.engine import choose_batch_size, step
+from genprior.items import ImageBatch, ImageItem
+from genprior.methods.dgp import DGP, DGPConfig
 from genprior.metrics import restoration_metrics
-from genprior.optim import PerImageAdam, plain_step
+from genprior.optim import PerImageAdam
 from genprior.perf import CPU_AUTO_BATCH, PerfConfig, auto_batch_size, resolve_batch_size
 from genprior.priors import biggan
 from genprior.priors.biggan import (
@@ -31,7 +33,6 @@ from genprior.priors.biggan import (
     use_fused_attention,
     use_output_scaled_spectral_norms,
 )
-from genprior.schedule import Stage
 
 # Every switch off: the plain fp32 path the options are measured against.
 PLAIN = PerfConfig(autocast="none", compile=False, channels_last=False, fused_optimizer=False,
@@ -64,10 +65,11 @@ def _tiny() -> tuple[Generator, Discriminator]:
     return G, D
 
 
-def _stages() -> list[Stage]:
+def _config() -> DGPConfig:
     # colorization's shape: D-feature loss, progressive ft_num and lr_ratio, two stages
-    return [Stage(iterations=STEPS // 2, G_lr=5e-5 * 20, z_lr=2e-3 * 5, ftr_num=7, ft_num=2 + s,
-                  lr_ratio=0.7, w_D_loss=1.0, w_mse=0.0, w_percep=0.0, use_in=False) for s in range(2)]
+    return DGPConfig(iterations=[STEPS // 2] * 2, G_lrs=[5e-5 * 20] * 2, z_lrs=[2e-3 * 5] * 2, ftr_num=[7] * 2,
+                     ft_num=[2, 3], lr_ratio=[0.7] * 2, w_D_loss=[1.0] * 2, w_mse=[0.0] * 2, w_percep=[0.0] * 2,
+                     use_in=[False] * 2, select_num=0)
 
 
 def _fit(perf: PerfConfig, B: int = 2, gemv: bool = True,
@@ -78,17 +80,16 @@ def _fit(perf: PerfConfig, B: int = 2, gemv: bool = True,
     torch.manual_seed(1)
     images = torch.rand(B, 3, 128, 128) * 2 - 1
     z0 = torch.randn(B, G.dim_z) * 0.5
-    method = DGP(G, D, DGPSettings(stages=_stages(), select_num=0), build_degradation("colorization", 128),
-                 metric_task="colorization", perf=perf)
-    method.start(images, torch.tensor([3, 7, 11, 13][:B]), [str(b) for b in range(B)],
-                 [torch.Generator().manual_seed(b) for b in range(B)], initial_z=z0)
-    opt = PerImageAdam(method.param_groups(), batch_size=B, fused=perf.fused_optimizer)
+    method = DGP(G, D, _config(), build_degradation("colorization", 128), metric_task="colorization", perf=perf)
+    method.start(ImageBatch(images, torch.tensor([3, 7, 11, 13][:B]), [str(b) for b in range(B)],
+                            [str(b) for b in range(B)]), initial_z=z0)
+    opt = method.make_optimizer(fused=perf.fused_optimizer)
     totals = []
     old = _SpectralNorm.cpu_gemv
     _SpectralNorm.cpu_gemv = gemv
     try:
         while not method.progress.all_done():
-            totals.append(plain_step(method, opt).total.clone())
+            totals.append(step(method, opt)[0].total.clone())  # the engine's one step
     finally:
         _SpectralNorm.cpu_gemv = old
     x = method.final_output()
@@ -366,15 +367,15 @@ def test_auto_on_cuda_reads_free_memory_and_probes(monkeypatch) -> None:
     assert seen == [1, 2]
 
 
-def test_evaluate_uses_the_configured_or_automatic_batch_size() -> None:
-    from genprior.evaluate import _shard_batch_size
-
-    records = [{"id": str(i), "path": "", "image": None, "class": 0, "error": ""} for i in range(5)]
+def test_runs_use_the_configured_or_automatic_batch_size() -> None:
+    """engine.choose_batch_size (train.py and every evaluate.py shard): "auto" is CPU_AUTO_BATCH
+    on a CPU, without probing (the method is never started)."""
+    items = [ImageItem(id=str(i), path="") for i in range(5)]
     auto = compose(["prior=biggan_tiny", "task=colorization", "trainer.accelerator=cpu"])
-    assert _shard_batch_size(auto, None, records) == CPU_AUTO_BATCH
+    assert choose_batch_size(auto, None, items, None) == CPU_AUTO_BATCH  # type: ignore[arg-type]
     fixed = compose(["prior=biggan_tiny", "task=colorization", "trainer.accelerator=cpu",
                      "trainer.batch_size=3"])
-    assert _shard_batch_size(fixed, None, records) == 3
+    assert choose_batch_size(fixed, None, items, None) == 3  # type: ignore[arg-type]
 
 
 def test_cpu_malloc_tuning_is_an_option_applied_once() -> None:

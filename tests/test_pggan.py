@@ -22,15 +22,15 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from genprior.priors.checkpoints import CheckpointError
+from genprior.priors.checkpoints import CheckpointError, infer_pggan_config, load_checkpoint_into
 from genprior.priors.pggan import PGGANGenerator, compose_features
-from genprior.priors.pggan_checkpoints import (
-    REGISTRY,
+from genprior.priors.registry import (
+    UnknownPriorError,
+    build_pggan,
     find_pggan_file,
-    get_entry,
-    infer_pggan_config,
+    get,
     load_pggan,
-    load_pggan_checkpoint_into,
+    names,
 )
 
 
@@ -61,7 +61,7 @@ def manifest(shared_dir: Path) -> dict:
 
 
 def _tiny(fixture: dict, dtype: torch.dtype = torch.float32) -> PGGANGenerator:
-    G = PGGANGenerator(**get_entry("pggan_tiny").generator_kwargs()).to(dtype)
+    G = build_pggan("pggan_tiny").to(dtype)
     G.load_state_dict({k: v.to(dtype) for k, v in fixture["state_dict"].items()}, strict=True)
     return G.eval()
 
@@ -70,10 +70,10 @@ def _tiny(fixture: dict, dtype: torch.dtype = torch.float32) -> PGGANGenerator:
 @pytest.mark.shared
 def test_fixture_config_is_the_registry_tiny_model(fixture: dict) -> None:
     cfg = fixture["config"]
-    entry = get_entry("pggan_tiny")
+    spec = get("pggan_tiny")
     assert (cfg["fmaps_base"], cfg["fmaps_max"], cfg["resolution"]) == (
-        entry.fmaps_base, entry.fmaps_max, entry.resolution)
-    G = PGGANGenerator(**entry.generator_kwargs())
+        spec.kwargs["fmaps_base"], spec.kwargs["fmaps_max"], spec.resolution)
+    G = PGGANGenerator(**spec.kwargs)
     assert G.sequence_names == cfg["derivable_sequential"]
     assert list(G.state_dict()) == list(fixture["state_dict"])
     assert {str(r): G.channels(r) for r in (4, 8, 16, 32, 64, 128, 256)} == cfg["channels_per_resolution"]
@@ -137,12 +137,12 @@ def test_state_dict_and_split_shapes_match_the_manifest(manifest: dict, arch: st
 @pytest.mark.shared
 def test_registry_matches_the_reference_model_pool(manifest: dict) -> None:
     pggans = {k: v for k, v in manifest["models"].items() if v["gan_type"] == "pggan"}
-    assert set(pggans) == {k for k in REGISTRY if k != "pggan_tiny"}
+    assert set(pggans) == {k for k in names("pggan") if k != "pggan_tiny"}
     for name, model in pggans.items():
-        entry = REGISTRY[name]
-        assert entry.resolution == model["resolution"]
-        assert entry.weight_file == Path(model["weight_path"]).name
-        assert entry.tf_pickle == Path(model["tf_weight_path"]).name
+        spec = get(name)
+        assert spec.resolution == model["resolution"]
+        assert spec.files["G"] == Path(model["weight_path"]).name
+        assert spec.original == Path(model["tf_weight_path"]).name
 
 
 # ------------------------------------------------------------------------------ split and composition
@@ -220,7 +220,7 @@ def test_multi_code_is_per_image_and_the_mean_is_cosmetic(small_G: PGGANGenerato
 def tiny_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("pggan")
     torch.manual_seed(1)
-    tiny = PGGANGenerator(**get_entry("pggan_tiny").generator_kwargs())
+    tiny = build_pggan("pggan_tiny")
     torch.save(tiny.state_dict(), root / "tiny.pth")
     with torch.device("meta"):
         big = PGGANGenerator(1024, fmaps_base=1024, fmaps_max=32)
@@ -266,8 +266,8 @@ def test_missing_file_says_where_to_get_it_and_where_to_put_it(tmp_path: Path) -
         load_pggan("pggan_celebahq")
     with pytest.raises(CheckpointError, match="no published file"):
         load_pggan("pggan_tiny", weights_dir=tmp_path)
-    with pytest.raises(CheckpointError, match="Did you mean 'pggan_bedroom'"):
-        get_entry("pggan_bedrom")
+    with pytest.raises(UnknownPriorError, match="Did you mean 'pggan_bedroom'"):
+        get("pggan_bedrom")
 
 
 def test_mismatched_files_name_the_keys_and_the_fitting_configuration(tiny_files: Path) -> None:
@@ -286,9 +286,9 @@ def test_mismatched_files_name_the_keys_and_the_fitting_configuration(tiny_files
         load_pggan("pggan_tiny", path=tiny_files / "lod1.pth")
     with pytest.raises(CheckpointError, match="weights_only"):
         load_pggan("pggan_tiny", path=tiny_files / "pickled.pth")
-    G = PGGANGenerator(**get_entry("pggan_tiny").generator_kwargs())
+    G = build_pggan("pggan_tiny")
     with pytest.raises(CheckpointError, match="not found"):
-        load_pggan_checkpoint_into(G, tiny_files / "absent.pth")
+        load_checkpoint_into(G, tiny_files / "absent.pth")
 
 
 def test_infer_config_from_shapes(tiny_files: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from genprior.train import run_train
+from genprior.cli.train import run_train
 
 BASE = [
     "prior=biggan_tiny", "task=colorization", "dgp.iterations=[3,3,2,2,2]", "dgp.select_num=3",
@@ -109,21 +109,31 @@ def test_bad_inputs_fail_alone_and_the_rest_finish(tmp_path: Path) -> None:
     assert status
 
 
-def test_prior_and_carried_optimizer_go_back_to_the_device_after_a_fit(monkeypatch) -> None:
-    """Lightning's teardown moves the module to the CPU after every fit; on a GPU the prior and
-    a carried Adam state must return to the device before the next batch (restore_device)."""
-    import genprior.factory
-    from genprior.train import restore_device
+def test_a_run_is_one_fit_with_one_epoch_per_batch(tmp_path: Path) -> None:
+    """engine.run fits every batch in one Trainer.fit (the prior stays on its device between
+    batches: nothing to move back), one epoch per batch of images, one row per image."""
+    import lightning as L
 
-    module = torch.nn.Module()
-    module.prior = torch.nn.Linear(3, 2)
-    module.optimizer = torch.optim.Adam(module.prior.parameters())
-    module.prior(torch.ones(1, 3)).sum().backward()
-    module.optimizer.step()
-    monkeypatch.setattr(genprior.factory, "pick_device", lambda cfg: torch.device("meta"))
-    restore_device(None, module)
-    assert module.prior.weight.device.type == "meta"
-    states = list(module.optimizer.state.values())
-    assert states and all(s["exp_avg"].device.type == "meta" for s in states)
-    monkeypatch.setattr(genprior.factory, "pick_device", lambda cfg: torch.device("cpu"))
-    restore_device(None, torch.nn.Linear(1, 1))  # on the CPU there is nothing to undo
+    from genprior.config import compose
+    from genprior.engine import run
+    from genprior.items import ImageItem
+    from genprior.methods.dgp import DGP
+
+    class Count(L.Callback):
+        fits = epochs = 0
+
+        def on_fit_start(self, trainer: L.Trainer, pl_module: object) -> None:
+            self.fits += 1
+
+        def on_train_epoch_start(self, trainer: L.Trainer, pl_module: object) -> None:
+            self.epochs += 1
+
+    cfg = compose([*BASE, "trainer.batch_size=2", "dgp.iterations=[1,1,0,0,0]", f"output.dir={tmp_path}"])
+    torch.manual_seed(0)
+    items = [ImageItem(id=f"im{k}", path=f"im{k}", class_id=k, image=torch.rand(3, 128, 128) * 2 - 1)
+             for k in range(5)]
+    count = Count()
+    rows = run(cfg, DGP.from_config(cfg), items, tmp_path, callbacks=[count])
+    assert [r["id"] for r in rows] == [f"im{k}" for k in range(5)]
+    assert all(r["status"] == "ok" and r["steps"] == 2 for r in rows)
+    assert count.fits == 1 and count.epochs == 3  # batches of 2, 2 and 1

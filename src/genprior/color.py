@@ -12,10 +12,14 @@ because the sRGB gamma and the cube root amplify float32 error near 0.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
-__all__ = ["lab_to_rgb", "rgb_to_lab"]
+from genprior.degradations import truncate_to_uint8
+
+__all__ = ["lab_to_rgb", "rgb_to_lab", "ycbcr_recombine"]
 
 # Linear sRGB -> CIE XYZ (ITU-R BT.709 primaries), rows X, Y, Z; the matrix skimage uses.
 _XYZ_FROM_RGB = (
@@ -100,3 +104,26 @@ def lab_to_rgb(lab: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
         12.92 * linear,
     )
     return srgb.clamp(0.0, 1.0)
+
+
+def ycbcr_recombine(result: Tensor, target: Tensor) -> Tensor:
+    """mGANprior's colorization output (SPEC §3.5): Y of the target with Cb, Cr of the result.
+
+    Both [B, 3, H, W] in [0, 1]. Like the reference, the result goes to uint8 by truncation, the
+    target's pixels are its original uint8 values, and the YCbCr conversions are PIL's (JPEG,
+    full range). Returns [B, 3, H, W] in [0, 1] on ``result``'s device, in float32 (float64 for
+    a float64 result).
+    """
+    # Truncated in float32, or in float64 for a float64 run: the reference's to_pil_image
+    # multiplies by 255 in its tensor's (the default) dtype.
+    work = result.detach().to(torch.promote_types(result.dtype, torch.float32))
+    out_u8 = truncate_to_uint8(work.clamp(0, 1)).permute(0, 2, 3, 1).cpu().numpy()
+    tgt_u8 = (target.detach().double().clamp(0, 1) * 255).round().to(torch.uint8)
+    tgt_u8 = tgt_u8.permute(0, 2, 3, 1).cpu().numpy()
+    merged = []
+    for out, tgt in zip(out_u8, tgt_u8):
+        _, cb, cr = Image.fromarray(out).convert("YCbCr").split()
+        y, _, _ = Image.fromarray(tgt).convert("YCbCr").split()
+        merged.append(np.asarray(Image.merge("YCbCr", (y, cb, cr)).convert("RGB")))
+    rgb = torch.from_numpy(np.stack(merged)).permute(0, 3, 1, 2)
+    return rgb.to(device=result.device, dtype=work.dtype).div(255)

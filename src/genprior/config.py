@@ -28,11 +28,14 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-# The DIP loop's settings live with the loop (docs/dip.md); the schema reuses the dataclass.
-from genprior.methods.dip import DIPSettings
-
-# The batched engine's speed options live with their implementation (docs/performance.md).
-from genprior.perf import PerfConfig
+# Each method's config dataclass is its settings (docs/architecture.md); the schema reuses them,
+# and the speed options live with their implementation (docs/performance.md).
+from genprior.methods.dgp import DGPConfig
+from genprior.methods.dip import DIPConfig
+from genprior.methods.mganprior import MGANConfig
+from genprior.metrics import EXTRA_METRICS
+from genprior.perf import AUTOCAST_MODES, PerfConfig
+from genprior.precision import check_precision
 
 GROUPS = ("experiment", "prior", "task", "data", "trainer", "logger")
 # `python train.py` with no preset runs the embedded default: DIP denoising sized for a CPU.
@@ -52,7 +55,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class PriorConfig:
-    # Registry name: biggan128, biggan256, biggan256_ch64, biggan512, biggan_tiny, dip_skip.
+    # A name of genprior.priors.registry: biggan128, biggan256, biggan256_ch64, biggan512,
+    # biggan_tiny, pggan_bedroom, pggan_churchoutdoor, pggan_celebahq, pggan_tiny, dip_skip, ...
     name: str = "dip_skip"
     kind: str = "dip"  # biggan | dip | pggan
     resolution: int = 128
@@ -66,7 +70,6 @@ class PriorConfig:
     weights_dir: str = "pretrained"
     G_path: str | None = None
     D_path: str | None = None
-    weights_suffix: str = "128"  # the reference's --load_weights
     use_ema: bool = True  # every DGP script loads G_ema_<suffix>.pth into the fine-tuned G
     random_G: bool = False  # the reference's --random_G: orthogonal init, train mode, random D
     init_seed: int = 0  # seed of weights=random
@@ -81,70 +84,6 @@ class TaskConfig:
     mask_path: str | None = None
     mask_fraction: float = 0.8  # random_mask: fraction of pixels dropped
     noise_sigma: float = 25.0  # denoising, on the 0..255 scale
-    jpeg_quality: int = 10
-
-
-@dataclass
-class DGPConfig:
-    """The reference's per-stage lists and scalars, under the reference's flag names (SPEC §10)."""
-
-    iterations: list[int] = field(default_factory=lambda: [200, 200, 200, 200, 200])
-    G_lrs: list[float] = field(default_factory=lambda: [5e-5, 5e-5, 2e-5, 1e-5, 1e-5])
-    z_lrs: list[float] = field(default_factory=lambda: [2e-3, 1e-3, 2e-5, 1e-5, 1e-5])
-    ftr_num: list[int] = field(default_factory=lambda: [8, 8, 8, 8, 8])
-    ft_num: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6])
-    lr_ratio: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0, 1.0])
-    w_D_loss: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0, 1.0])
-    w_mse: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0, 1.0])
-    # Loss ablations of DGP Table 4 (0 in every reference script).
-    w_percep: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0, 0.0])
-    use_in: list[bool] = field(default_factory=lambda: [False, False, False, False, False])
-    w_nll: float = 0.02
-    select_num: int = 500
-    sample_std: float = 0.3
-    update_G: bool = True
-    update_embed: bool = False
-    warm_up: int = 0
-    stop_mse: float = 0.0
-    stop_ftr: float = 0.0
-    G_B1: float = 0.0
-    G_B2: float = 0.999
-    adam_eps: float = 1e-8  # the reference hard-codes 1e-8 (its --adam_eps flag is unused)
-    # Reference bug (SPEC §6.1, quirk 3): main.py carries Adam state from one image to the next.
-    # Off by default; turn on to reproduce main.py's numbers beyond the first image.
-    carry_optimizer_state: bool = False
-    print_interval: int = 100
-    save_interval: list[int] | None = None
-    perceptual_weights: str | None = None  # local VGG-16 file for w_percep (timm vgg16)
-
-
-@dataclass
-class MGANConfig:
-    """mGANprior (prior.kind=pggan) under the released scripts' flag names (mGANprior SPEC §3.6)."""
-
-    composing_layer: int = 6  # index into layer0..layer{2K-1}, toRGB; the composed map is layer{l}'s input
-    z_number: int = 30  # N latent codes per image
-    iterations: int = 3000
-    optimization: str = "GD"  # GD (plain SGD, every released script) | Adam (torch defaults)
-    lr: float = 1.0
-    l2_lambda: float = 1.0
-    l1_lambda: float = 0.0
-    vgg_lambda: float = 1.0  # 0.1 in the released inpainting script
-    vgg_layer: str = "relu3_3"  # the code's --vgg_layer 16; the paper's layer is conv4_3
-    vgg_loss_type: str = "L1"  # L1 | L2
-    vgg_scale: float = 0.001  # hard-wired in the released VGG loss
-    image_size: int = 256  # VGG input size (nearest resize)
-    vgg_weights: str | None = None  # local torchvision/timm VGG-16 file (needed when vgg_lambda > 0)
-    init_type: str = "Normal"  # z init: Normal | Zero
-    alpha_init: float | None = None  # None: 1/z_number, as the code
-    train_alpha: bool = True  # false with z_number=1: the single-latent-code baseline, x = G(z)
-    average_codes: bool = True  # the code's 1/N in the composition; false: the paper's plain sum
-    hole_size: int = 64  # task=inpainting: a centred hole_size x hole_size square
-    ssim_data_range: float = 1.0  # images in [0, 1]
-    # gaussian11: Wang et al.'s 11x11 Gaussian window (sigma 1.5), as the paper reports SSIM;
-    # uniform7: skimage's default 7x7 uniform window (genprior's SSIM before this option)
-    ssim_window: str = "gaussian11"
-    print_interval: int = 100
 
 
 @dataclass
@@ -217,7 +156,7 @@ class MetricsConfig:
     # The reference's SSIM uses data_range 2 on [0,1] images (SPEC §8, quirk 12). 2.0 keeps
     # numbers comparable with the papers; 1.0 is the textbook value.
     ssim_data_range: float = 2.0
-    # The papers' other metrics (genprior.metrics_extra, docs/degradations_and_metrics.md):
+    # The papers' other metrics (genprior.metrics, docs/degradations_and_metrics.md):
     # any of lpips, niqe, accuracy, colorization_auc. A metric whose weights file is missing
     # is reported as unavailable (NaN, with instructions); the run goes on.
     extra: list[str] = field(default_factory=list)
@@ -328,7 +267,7 @@ class Config:
     prior: PriorConfig = field(default_factory=PriorConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     dgp: DGPConfig = field(default_factory=DGPConfig)
-    dip: DIPSettings = field(default_factory=DIPSettings)
+    dip: DIPConfig = field(default_factory=DIPConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -571,8 +510,6 @@ def _check_execution(cfg: DictConfig) -> None:
     value = cfg.trainer.batch_size
     if not (value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)):
         raise ConfigError(f"trainer.batch_size must be a positive integer or 'auto', got {value!r}")
-    from genprior.perf import AUTOCAST_MODES
-    from genprior.precision import check_precision
 
     try:
         check_precision(cfg.trainer.precision)
@@ -587,7 +524,6 @@ def _check_execution(cfg: DictConfig) -> None:
 def _check_choices(cfg: DictConfig) -> None:
     """metrics.extra is only built once a run has started (train.run_batches), where an unknown
     name would end the run with a traceback: refused at composition instead."""
-    from genprior.metrics_extra import EXTRA_METRICS
 
     for name in cfg.metrics.extra:
         if name not in EXTRA_METRICS:

@@ -289,7 +289,7 @@ class RandomPixelMask(Masking):
     def mask_for(self, image_id: Hashable, height: int, width: int) -> Tensor:
         """The [1, H, W] float32 0/1 mask of one image, on the CPU."""
         generator = torch.Generator().manual_seed(_seed_for(self.seed, image_id))
-        draw = torch.rand(1, height, width, generator=generator)
+        draw = torch.rand(1, height, width, generator=generator, dtype=torch.float32)  # whatever the default dtype
         return (draw > self.drop_fraction).float()
 
     def known_mask(self, x: Tensor, ids: Ids = None) -> Tensor:

@@ -21,6 +21,7 @@ Outputs are written with `save_image`, which truncates to uint8 like the referen
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from pathlib import Path
@@ -37,8 +38,10 @@ __all__ = [
     "center_crop_long_edge",
     "crop_box_long_edge",
     "decode_image",
+    "image_grid",
     "load_image",
     "preprocess",
+    "safe_name",
     "save_image",
     "to_tensor",
 ]
@@ -347,3 +350,27 @@ def save_image(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr).save(path)
+
+
+def safe_name(name: str) -> str:
+    """An image id as a folder name: anything but letters, digits, '-', '_', '.' becomes '_'."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name)) or "image"
+
+
+def image_grid(frames: list[torch.Tensor], ncol: int | None = None, normalize: bool = True) -> torch.Tensor:
+    """Tile [3, H, W] frames (any range) into one [3, H', W'] image, 2 px apart; with
+    ``normalize``, min-max normalised over the whole sheet like the reference's sheets."""
+    n = len(frames)
+    ncol = ncol or max(1, math.isqrt(n))
+    nrow = math.ceil(n / ncol)
+    _, h, w = frames[0].shape
+    pad = 2
+    grid = torch.zeros(3, nrow * (h + pad) + pad, ncol * (w + pad) + pad)
+    for k, f in enumerate(frames):
+        r, c = divmod(k, ncol)
+        top, left = pad + r * (h + pad), pad + c * (w + pad)
+        grid[:, top : top + h, left : left + w] = f.detach().float().cpu()
+    if normalize:
+        lo, hi = grid.min(), grid.max()
+        grid = (grid - lo) / (hi - lo).clamp(min=1e-8)
+    return grid

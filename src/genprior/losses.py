@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from genprior.weights import read_state_dict
+
 # Indices of the ReLU outputs in VGG-16's ``features`` (torchvision and timm share the layout):
 # relu1_2, relu2_2, relu3_3, relu4_3. conv4_3 (index 21) is mGANprior's layer.
 VGG16_LAYERS = {"relu1_2": 3, "relu2_2": 8, "relu3_3": 15, "relu4_3": 22, "conv4_3": 21}
@@ -70,7 +72,7 @@ def d_feature_loss(fake_feats: Sequence[Tensor], real_feats: Sequence[Tensor], f
 
 def load_vgg16_features(weights: str | Path | None, upto: int) -> nn.Sequential:
     """timm's VGG-16 ``features`` up to layer ``upto`` (inclusive), weights from a local file."""
-    import timm
+    import timm  # heavy import, needed only when a VGG-16 loss is built
 
     if weights is None:
         raise FileNotFoundError("no VGG-16 weights given. " + VGG_WEIGHTS_HELP)
@@ -78,13 +80,7 @@ def load_vgg16_features(weights: str | Path | None, upto: int) -> nn.Sequential:
     if not path.is_file():
         raise FileNotFoundError(f"VGG-16 weights file {path} does not exist. " + VGG_WEIGHTS_HELP)
     model = timm.create_model("vgg16", pretrained=False)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # untrusted file
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    state = read_state_dict(path, "VGG-16 weights (perceptual loss)")
     feats = {k: v for k, v in state.items() if k.startswith("features.")}
     own = model.features.state_dict()
     wanted = {f"features.{k}" for k in own}

@@ -337,20 +337,25 @@ class PerImageSGD(StackedOptimizer):
         return loss
 
 
-def plain_step(method: Any, opt: StackedOptimizer) -> Any:
-    """One optimisation step of a method outside Lightning, in ``Reconstruction``'s order:
-    per-image active mask, rates and Adam masks, forward, backward, DIP's backtracking restore,
-    update, stage bookkeeping. Returns the step's record. For benchmarks, tests and the memory
-    probe; fits go through the LightningModule."""
-    opt.active = method.progress.active()
-    opt.set_lrs(method.step_lrs())
-    if hasattr(method, "step_masks"):
-        opt.masks = method.step_masks()
-    opt.zero_grad(set_to_none=True)
-    loss, record, _ = method.loss()
-    loss.backward()
-    if hasattr(method, "before_optimizer_step"):
-        method.before_optimizer_step()
-    opt.step()
-    method.end_step(record)
-    return record
+def carry_state(previous: PerImageAdam, new: PerImageAdam) -> None:
+    """Copy Adam moments and step counts position by position (the reference's main.py bug).
+
+    main.py keeps one optimizer for every image, so image k starts with image k-1's moments
+    and bias-correction step count (DGP SPEC §6.1, quirk 3). Reproduced only when asked for
+    (``dgp.carry_optimizer_state=true``).
+    """
+    if previous.batch_size != new.batch_size:
+        raise ValueError("dgp.carry_optimizer_state needs the same batch size for every batch")
+    new.image_steps = previous.image_steps.clone()
+    new.masked_steps = {k: v.clone() for k, v in previous.masked_steps.items()}
+    for old_group, new_group in zip(previous.param_groups, new.param_groups):
+        for old_p, new_p in zip(old_group["params"], new_group["params"]):
+            old = previous.state.get(old_p)
+            if not old or old["exp_avg"].shape != new_p.shape:
+                continue
+            key = new._mask_key.get(id(new_p))
+            new.state[new_p] = {
+                "step": new.image_steps if key is None else new.masked_steps[key],
+                "exp_avg": old["exp_avg"].clone(),
+                "exp_avg_sq": old["exp_avg_sq"].clone(),
+            }

@@ -22,8 +22,10 @@ peak of a B = 1 and a B = 2 step (:func:`auto_batch_size`), on the CPU :data:`CP
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -79,9 +81,6 @@ def tune_cpu_malloc() -> bool:
     global _malloc_tuned
     if _malloc_tuned:
         return True
-    import ctypes
-    import sys
-
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -198,43 +197,3 @@ def resolve_batch_size(value: Any, device: torch.device, n_items: int,
         return max(1, min(CPU_AUTO_BATCH, max(n_items, 1)))
     free, _ = torch.cuda.mem_get_info(device)
     return auto_batch_size(probe, free, n_items)
-
-
-def probe_step_memory(prepare: Callable[[list[Any]], Any], items: list[Any], device: torch.device) -> Callable[[int], int]:
-    """``peak_bytes(B)``: the CUDA peak of one optimisation step of the first item repeated B
-    times, through the method's own optimizer (what ``Reconstruction.training_step`` runs)."""
-    from genprior.optim import PerImageAdam, plain_step
-
-    def peak_bytes(batch: int) -> int:
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        method = prepare([items[0]] * batch)
-        make = getattr(method, "make_optimizer", None)
-        opt = make() if make is not None else PerImageAdam(
-            method.param_groups(), batch_size=method.batch_size, betas=tuple(method.betas), eps=method.eps)
-        for _ in range(2):  # the second step holds the Adam state and the gradients together
-            plain_step(method, opt)
-        torch.cuda.synchronize(device)
-        peak = int(torch.cuda.max_memory_allocated(device))
-        del method, opt
-        torch.cuda.empty_cache()
-        return peak
-
-    return peak_bytes
-
-
-def batch_size_for(cfg: Any, items: list[Any], prepare: Callable[[list[Any]], Any] | None) -> int:
-    """B for a run over ``items`` (train.py, evaluate.py): ``trainer.batch_size`` resolved.
-
-    "auto" on a GPU probes two short steps of the first image through ``prepare`` (a runner's
-    method factory); without a factory it falls back to CPU_AUTO_BATCH.
-    """
-    from genprior.factory import pick_device
-
-    device = pick_device(cfg)
-    value = cfg.trainer.batch_size
-    probe = None
-    if str(value) == "auto" and device.type == "cuda" and prepare is not None and len(items) > 1:
-        probe = probe_step_memory(prepare, items, device)
-    return resolve_batch_size(value, device, len(items), probe)

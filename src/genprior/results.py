@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from scipy import stats
+
 __all__ = [
     "BOOKKEEPING_KEYS",
     "MetricStats",
@@ -212,8 +214,6 @@ class MetricStats:
 
 def t_interval(values: Sequence[float], confidence: float = 0.95) -> MetricStats:
     """Mean, sample std and the t confidence interval of the mean of ``values``."""
-    from scipy import stats
-
     n = len(values)
     if n == 0:
         nan = float("nan")

@@ -48,6 +48,8 @@ import torch
 from torch import Tensor
 
 import genprior
+from genprior.priors import registry
+from genprior.priors.checkpoints import find_biggan_files
 
 __all__ = [
     "FILE_NAME",
@@ -110,9 +112,7 @@ def weights_identity(prior: Mapping[str, Any], base_state: Mapping[str, Tensor])
         return identity
     g_path = prior.get("G_path")
     if g_path is None:
-        from genprior.priors.checkpoints import find_biggan_files, get_entry
-
-        suffix = get_entry(str(prior["name"])).suffix
+        suffix = registry.get(str(prior["name"])).suffix
         if suffix is not None:
             g_path = find_biggan_files(prior.get("weights_dir", "pretrained"), suffix,
                                        bool(prior.get("use_ema", True)), need_D=False)[0]
@@ -167,7 +167,7 @@ class SavedReconstruction:
         return cls(
             image_id=str(method.ids[b]), z=method.z[b].detach().cpu().clone(),
             class_id=int(method.y[b]), changed=changed, prior=dict(prior), weights=dict(weights),
-            task=task, use_in=bool(method.settings.stages[-1].use_in), in_initialized=flags,
+            task=task, use_in=bool(method.stages[-1].use_in), in_initialized=flags,
             info=dict(info or {}),
         )
 

@@ -21,8 +21,10 @@ gradient, so B > 1 gives each image its B = 1 result (up to the rounding of batc
 The "single latent code" baseline is N = 1 with α fixed at 1 (``train_alpha=False``): then
 x = G(z) exactly, whatever the composing layer.
 
-The method has DGP's interface (``genprior.methods.dgp``) so that ``Reconstruction`` and the
-output callbacks drive it unchanged; ``make_optimizer`` supplies SGD instead of Adam.
+This file reads from the top: the settings (``MGANConfig``, the ``mganprior`` config section),
+the method (``MGANPrior``, the written ``Method`` interface that genprior.engine drives: one
+stage of ``iterations`` steps, per-image SGD instead of DGP's Adam), then its building blocks
+(the perceptual term, the tasks' degradations, the images in the run's dtype).
 
 Precision. The method computes in its generator's dtype (``MGANPrior.dtype``): float64 for
 ``trainer.precision=64-true``, where codes, importances, targets, masks, the VGG term, the
@@ -35,16 +37,17 @@ cast. genprior's loaders hand over float32 images (uint8 / 255 in float32, then 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from genprior.color import ycbcr_recombine
 from genprior.degradations import (
     MGANPRIOR_GRAY_WEIGHTS,
     AdditiveGaussianNoise,
@@ -57,25 +60,26 @@ from genprior.degradations import (
     MaskImage,
     Masking,
     RandomPixelMask,
-    truncate_to_uint8,
 )
+from genprior.items import ImageBatch, StepRecord, image_generator
 from genprior.losses import IMAGENET_MEAN, IMAGENET_STD, VGG16_LAYERS, load_vgg16_features
-from genprior.methods.base import SettingsAccessors
+from genprior.methods.base import Method, Progress
 from genprior.metrics import psnr, ssim
 from genprior.optim import PerImageAdam, PerImageSGD
+from genprior.precision import run_dtype
 from genprior.priors.pggan import PGGANGenerator
-from genprior.schedule import Progress, Stage
+from genprior.priors.registry import get, load_pggan
 
 __all__ = [
+    "ADAM_BETAS",
+    "ADAM_EPS",
     "MGAN_TASKS",
+    "MGANConfig",
     "MGANMaskImage",
     "MGANPrior",
-    "MGANSettings",
-    "MGANStepRecord",
     "VGGFeatureLoss",
     "build_mgan_degradation",
     "images_in_dtype",
-    "ycbcr_recombine",
 ]
 
 # task.name -> what the degradation is (mGANprior SPEC §3.5; the paper's quantitative
@@ -91,6 +95,10 @@ MGAN_TASKS: dict[str, str] = {
     "denoising": "noise",
 }
 
+# mganprior.optimization=Adam: torch.optim.Adam's defaults, as the released code builds it.
+ADAM_BETAS: tuple[float, float] = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
 VGG_WEIGHTS_HELP = (
     "mGANprior's perceptual term needs torchvision's ImageNet VGG-16 as a local file: "
     "vgg16-397923af.pth (download.pytorch.org/models/vgg16-397923af.pth, what the reference "
@@ -100,24 +108,34 @@ VGG_WEIGHTS_HELP = (
 )
 
 
+# ------------------------------------------------------------------------------ the settings
 @dataclass
-class MGANSettings:
-    """The released scripts' options (SPEC §3.6), plus named switches for the paper's variants."""
+class MGANConfig:
+    """The ``mganprior`` config section (prior.kind=pggan): the released scripts' options under
+    their flag names (SPEC §3.6), plus named switches for the paper's variants."""
 
-    composing_layer: int = 6
-    z_number: int = 30
+    composing_layer: int = 6  # index into layer0..layer{2K-1}, toRGB; the composed map is layer{l}'s input
+    z_number: int = 30  # N latent codes per image
     iterations: int = 3000
-    optimization: str = "GD"  # GD = plain SGD (every released script) | Adam (torch defaults)
+    optimization: str = "GD"  # GD (plain SGD, every released script) | Adam (ADAM_BETAS, ADAM_EPS)
     lr: float = 1.0
-    betas: tuple[float, float] = (0.9, 0.999)  # Adam only
-    eps: float = 1e-8  # Adam only
     l2_lambda: float = 1.0
     l1_lambda: float = 0.0
-    vgg_lambda: float = 1.0
-    train_alpha: bool = True
-    average_codes: bool = True  # the code's 1/N in the composition; False: the paper's plain sum
-    alpha_init: float | None = None  # None: 1/N, as the code
+    vgg_lambda: float = 1.0  # 0.1 in the released inpainting script
+    vgg_layer: str = "relu3_3"  # the code's --vgg_layer 16; the paper's layer is conv4_3
+    vgg_loss_type: str = "L1"  # L1 | L2
+    vgg_scale: float = 0.001  # hard-wired in the released VGG loss
+    image_size: int = 256  # VGG input size (nearest resize)
+    vgg_weights: str | None = None  # local torchvision/timm VGG-16 file (needed when vgg_lambda > 0)
     init_type: str = "Normal"  # z init: Normal (z ~ N(0, I)) | Zero
+    alpha_init: float | None = None  # None: 1/z_number, as the code
+    train_alpha: bool = True  # false with z_number=1: the single-latent-code baseline, x = G(z)
+    average_codes: bool = True  # the code's 1/N in the composition; false: the paper's plain sum
+    hole_size: int = 64  # task=inpainting: a centred hole_size x hole_size square
+    ssim_data_range: float = 1.0  # images in [0, 1]
+    # gaussian11: Wang et al.'s 11x11 Gaussian window (sigma 1.5), as the paper reports SSIM;
+    # uniform7: skimage's default 7x7 uniform window (genprior's SSIM before this option)
+    ssim_window: str = "gaussian11"
     print_interval: int = 100
 
     def __post_init__(self) -> None:
@@ -131,20 +149,251 @@ class MGANSettings:
             raise ValueError(f"mganprior.iterations must be >= 0; got {self.iterations}")
 
 
-@dataclass
-class MGANStepRecord:
-    """Per-image values of one iteration (``[B]`` tensors), as the Combine loss computes them."""
+# ------------------------------------------------------------------------------ the method
+class MGANPrior(Method):
+    """Fits B images at once with a fixed PGGAN; every image's codes z and importances α are
+    the module's parameters (registered by ``start``)."""
 
-    l2: Tensor
-    l1: Tensor
-    vgg: Tensor
-    total: Tensor
-    active: Tensor
-    extra: dict[str, Tensor] = field(default_factory=dict)
+    preprocessing: ClassVar[str] = "pggan"
 
-    def reported(self) -> dict[str, Tensor]:
-        """The loss terms on the [-1, 1] scale of the reference; vgg includes its 0.001."""
-        return {"l2_loss": self.l2, "l1_loss": self.l1, "vgg_loss": self.vgg, "loss": self.total}
+    def __init__(self, G: PGGANGenerator, config: MGANConfig, degradation: Degradation,
+                 perceptual: VGGFeatureLoss | None = None, task: str = "inversion", seed: int = 0) -> None:
+        super().__init__()
+        self.G = G.eval()
+        for p in self.G.parameters():
+            p.requires_grad_(False)
+        self.config = config
+        self.degradation = degradation
+        self.perceptual = perceptual
+        self.task = task
+        self.seed = int(seed)
+        self.layer = G.check_layer(config.composing_layer)
+        self.channels = G.feature_shape(self.layer)[0]
+        if config.vgg_lambda > 0 and perceptual is None:
+            raise ValueError("mganprior.vgg_lambda > 0 needs the VGG-16 network; " + VGG_WEIGHTS_HELP)
+        if perceptual is not None and {p.dtype for p in perceptual.parameters()} - {G.dtype}:
+            raise ValueError(f"the VGG network's dtype must be the generator's ({G.dtype}): move it "
+                             "with .to(dtype), as from_config does for trainer.precision")
+        # Codes to start an image from instead of drawing them, by image id ([N, z_dim] each).
+        # The reference draws its codes unseeded (SPEC §3.1): replaying one of its runs needs them.
+        self.initial_latents: dict[str, Tensor] = {}
+        self.ids: list[str] = []
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of codes, importances, targets, losses and metrics: G's (float64 for
+        ``trainer.precision=64-true``)."""
+        return self.G.dtype
+
+    @property
+    def print_interval(self) -> int:
+        return int(self.config.print_interval)
+
+    def stage_lengths(self) -> list[int]:
+        return [self.config.iterations]  # one stage: a fixed number of SGD steps
+
+    # ------------------------------------------------------------------ per-batch set-up
+    def start(self, batch: ImageBatch) -> None:
+        """New batch: observations, fresh codes from each image's own stream, α = 1/N.
+
+        ``batch.images`` are [-1, 1]; float32 ones from genprior's loaders are brought to the
+        method's dtype as the reference reads them (``images_in_dtype``).
+        """
+        c = self.config
+        device, dtype = self.device, self.dtype
+        B = len(batch)
+        res = self.G.resolution
+        if tuple(batch.images.shape[-2:]) != (res, res):
+            raise ValueError(f"images are {tuple(batch.images.shape[-2:])} but this PGGAN makes "
+                             f"{res}x{res} images")
+        self.ids = list(batch.ids)
+        self.target_origin = images_in_dtype(batch.images.to(device), dtype)
+        self.target = self.degradation.target(self.target_origin, ids=self.ids)
+        shape = (c.z_number, self.G.z_dim)
+        codes = []
+        for image_id in self.ids:
+            if image_id in self.initial_latents:
+                z = self.initial_latents[image_id]
+                if tuple(z.shape) != shape:
+                    raise ValueError(f"initial z of image {image_id!r} must have shape {shape}; "
+                                     f"got {tuple(z.shape)}")
+            elif c.init_type == "Zero":
+                z = torch.zeros(shape, dtype=dtype)
+            else:
+                # drawn in float32 whatever the run's dtype: a float64 run starts from the codes
+                # of a float32 run (the reference's own draw is unseeded, SPEC §3.1)
+                z = torch.randn(*shape, generator=image_generator(self.seed, image_id), dtype=torch.float32)
+            codes.append(z.to(device, dtype))
+        self.z = nn.Parameter(torch.stack(codes))
+        # 1/N as a Python double, then in the run's dtype: the reference's torch.full(1/N)
+        alpha0 = 1.0 / c.z_number if c.alpha_init is None else float(c.alpha_init)
+        self.alpha = nn.Parameter(torch.full((B, c.z_number, self.channels), alpha0, device=device, dtype=dtype),
+                                  requires_grad=c.train_alpha)
+        self.target_features: Tensor | None = None
+        if self.perceptual is not None:
+            with torch.no_grad():  # the target side of φ never changes within a fit
+                self.target_features = self.perceptual.features_of(self.target)
+        self.progress = Progress(self.stage_lengths(), B)
+
+    def make_optimizer(self, fused: bool = True) -> PerImageSGD | PerImageAdam:
+        """Per-image SGD (``GD``, the released default) or Adam, over z (and α when trained).
+
+        ``fused`` (perf.fused_optimizer, DGP's speed option) is not used: SGD has no fused
+        form, and the Adam option keeps PerImageAdam's per-tensor loop, as it always has.
+        """
+        groups: list[dict[str, Any]] = [{"name": "z", "params": [self.z]}]
+        if self.config.train_alpha:
+            groups.append({"name": "alpha", "params": [self.alpha]})
+        if self.config.optimization == "GD":
+            return PerImageSGD(groups, batch_size=self.batch_size)
+        return PerImageAdam(groups, batch_size=self.batch_size, betas=ADAM_BETAS, eps=ADAM_EPS)
+
+    # ------------------------------------------------------------------ one step
+    def step_lrs(self) -> dict[str, Tensor]:
+        lr = torch.tensor([0.0 if d else self.config.lr for d in self.progress.done], dtype=torch.float64)
+        return {"z": lr, "alpha": lr.clone()}
+
+    def render(self, z: Tensor | None = None, alpha: Tensor | None = None) -> Tensor:
+        z = self.z if z is None else z
+        alpha = self.alpha if alpha is None else alpha
+        return self.G.multi_code(z, alpha, self.layer, self.config.average_codes)
+
+    def loss(self) -> tuple[Tensor, StepRecord, Tensor]:
+        """One iteration's forward pass: the summed loss, the per-image record, x.
+
+        The record's terms are the reference's, on its [-1, 1] scale; vgg includes its 0.001.
+        """
+        c = self.config
+        active = self.progress.active()
+        x = self.render()
+        x_map = self.degradation.apply(x, ids=self.ids)
+        diff = x_map - self.target
+        l2 = diff.square().flatten(1).mean(1)
+        l1 = diff.abs().flatten(1).mean(1)
+        vgg = torch.zeros(self.batch_size, device=x.device, dtype=x.dtype)
+        if self.perceptual is not None and c.vgg_lambda > 0:
+            assert self.target_features is not None
+            vgg = self.perceptual(x_map, self.target_features)
+        # The released CombinationLoss's order of terms: l1, l2, vgg.
+        per_image = c.l1_lambda * l1 + c.l2_lambda * l2 + c.vgg_lambda * vgg
+        total = (per_image * active.to(x.device)).sum()  # every image's gradient is its own
+        record = StepRecord(total=per_image.detach(), active=active,
+                            terms={"l2_loss": l2.detach(), "l1_loss": l1.detach(), "vgg_loss": vgg.detach()})
+        return total, record, x.detach()
+
+    # ------------------------------------------------------------------ results
+    @torch.no_grad()
+    def final_output(self) -> Tensor:
+        """One more forward pass with the final codes (SPEC §3.3): the raw generator output."""
+        return self.render().detach()
+
+    def latents(self, b: int) -> dict[str, Tensor]:
+        """Image b's fitted codes and importances (CPU copies)."""
+        return {"z": self.z[b].detach().cpu().clone(), "alpha": self.alpha[b].detach().cpu().clone(),
+                "composing_layer": torch.tensor(self.layer)}
+
+    def display(self, x: Tensor) -> Tensor:
+        """[-1, 1] -> [0, 1] in the method's dtype (float32, or float64 for a float64 run)."""
+        return ((x.detach().to(self.dtype) + 1) / 2).clamp(0, 1)
+
+    def observation_for_display(self) -> Tensor:
+        obs = self.target
+        if obs.shape[-2:] != self.target_origin.shape[-2:]:
+            # SR: the low-resolution image, nearest-upsampled (the reference's <name>-nn.png).
+            obs = F.interpolate(obs, size=self.target_origin.shape[-2:], mode="nearest")
+        return self.display(obs)
+
+    def clean_for_display(self) -> Tensor:
+        return self.display(self.target_origin)
+
+    def result_for_metrics(self, x: Tensor) -> Tensor:
+        """What the reference saves as the task's result, in [0, 1]: the raw G output, except
+        for colorization (target's Y with the output's CbCr)."""
+        result = self.display(x)
+        if self.task == "colorization":
+            result = ycbcr_recombine(result, self.clean_for_display())
+        return result
+
+    def hole_box(self) -> Box | None:
+        if isinstance(self.degradation, CenterSquareMask):
+            return self.degradation.metric_box(*self.target_origin.shape[-2:])
+        return None
+
+    @torch.no_grad()
+    def metrics(self, x: Tensor) -> dict[str, Tensor]:
+        """PSNR / SSIM of the task's result against the clean image, per image ([B])."""
+        c = self.config
+        result = self.result_for_metrics(x).double()
+        clean = self.clean_for_display().double()
+        out = {
+            "psnr": psnr(result, clean, data_range=1.0),
+            "ssim": ssim(result, clean, data_range=c.ssim_data_range, window=c.ssim_window),
+        }
+        box = self.hole_box()
+        if box is not None:
+            top, bottom, left, right = box
+            crop_r, crop_c = result[..., top:bottom, left:right], clean[..., top:bottom, left:right]
+            out["psnr_hole"] = psnr(crop_r, crop_c, data_range=1.0)
+            out["ssim_hole"] = ssim(crop_r, crop_c, data_range=c.ssim_data_range, window=c.ssim_window)
+        return out
+
+    @torch.no_grad()
+    def extra_images(self, x: Tensor, b: int) -> dict[str, Tensor]:
+        if self.task == "colorization":
+            return {"colorization": self.result_for_metrics(x[b : b + 1])[0]}
+        if isinstance(self.degradation, Masking):
+            # Not in the reference (its inpainting output is the raw G image): the known pixels
+            # of the observation pasted over the result.
+            known = self.degradation.known_mask(self.target_origin[b : b + 1], ids=self.ids[b : b + 1])
+            pasted = self.target_origin[b : b + 1] * known + x[b : b + 1] * (1 - known)
+            return {"composited": self.display(pasted)[0]}
+        return {}
+
+    @torch.no_grad()
+    def observation_metrics(self, b: int) -> dict[str, float]:
+        if isinstance(self.degradation, Identity):
+            return {}  # inversion: the observation is the clean image
+        obs = self.observation_for_display()[b : b + 1].double()
+        clean = self.clean_for_display()[b : b + 1].double()
+        return {"observation_psnr": float(psnr(obs, clean, data_range=1.0)[0])}
+
+    def image_info(self, b: int) -> dict[str, Any]:
+        return {"z_number": self.config.z_number, "composing_layer": self.layer,
+                "train_alpha": self.config.train_alpha}
+
+    # ------------------------------------------------------------------ from the config
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> MGANPrior:  # type: ignore[override]
+        """An mGANprior for ``cfg``: the task's degradation, the VGG term and the PGGAN
+        (genprior.priors.registry), both in the run's dtype (``trainer.precision``: float32
+        weights are copied exactly into float64 networks for ``64-true``)."""
+        task = str(cfg.task.name)
+        p = cfg.prior
+        resolution = int(p.resolution)
+        spec = get(str(p.name), "pggan")
+        if resolution != spec.resolution:
+            raise ValueError(f"prior.resolution={resolution} but {p.name} is a {spec.resolution}-pixel "
+                             f"model; set prior.resolution={spec.resolution} (or pick another prior)")
+        config: MGANConfig = OmegaConf.to_object(cfg.mganprior)  # type: ignore[assignment]
+        degradation = build_mgan_degradation(
+            task, resolution, sr_factor=int(cfg.task.sr_factor), hole_size=config.hole_size,
+            mask_path=cfg.task.mask_path, mask_fraction=float(cfg.task.mask_fraction),
+            noise_sigma=float(cfg.task.noise_sigma), seed=int(cfg.seed),
+        )
+        dtype = run_dtype(cfg)
+        perceptual = None
+        if config.vgg_lambda > 0:
+            perceptual = VGGFeatureLoss.from_file(
+                config.vgg_weights, config.vgg_layer, image_size=config.image_size,
+                loss_type=config.vgg_loss_type, scale=config.vgg_scale,
+            ).to(dtype)
+        if p.weights == "random":
+            G = load_pggan(str(p.name), random_init_seed=int(p.init_seed), dtype=dtype)
+        elif p.weights == "pretrained":
+            G = load_pggan(str(p.name), weights_dir=p.weights_dir, path=p.G_path, dtype=dtype)
+        else:
+            raise ValueError(f"prior.weights must be 'pretrained' or 'random', got {p.weights!r}")
+        return cls(G, config, degradation, perceptual=perceptual, task=task, seed=int(cfg.seed))
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,19 +502,18 @@ def images_in_dtype(images: Tensor, dtype: torch.dtype) -> Tensor:
     The reference's targets are ``(to_tensor(uint8) − 0.5) · 2`` with ``to_tensor`` dividing by
     255 in the default dtype (TRACES_F64.md, dtype rules): in a float64 run the target is
     ``(u8.double() / 255 − 0.5) · 2``, not float32 values widened (those differ by ~1e-8).
-    genprior's loaders produce float32 ``(u8 / 255 − 0.5) / 0.5`` (``image_io.to_tensor``);
-    when float64 is asked for and the float32 images are exactly such uint8 images, the pixel
-    values are recovered (exactly: float32 is far finer than 1/255) and divided again in
-    float64. Any other float32 input (not from 8-bit pixels) is widened as it is, and images
-    already in ``dtype`` are returned unchanged, so the Python API takes float64 targets as given.
+    genprior's loaders produce float32 ``(u8 / 255 − 0.5) / 0.5`` (``image_io.to_tensor``).
+    When float64 is asked for and the images are exactly such float32 uint8 images (held in
+    float32, or already widened to float64, as Lightning's 64-true input conversion would),
+    the pixel values are recovered (exactly: float32 is far finer than 1/255) and divided again
+    in float64. Any other input (not from 8-bit pixels, e.g. float64 targets made in float64)
+    is only cast, so the Python API takes float64 targets as given.
     """
-    if images.dtype == dtype:
-        return images
-    if dtype != torch.float64 or images.dtype != torch.float32:
+    if dtype != torch.float64 or images.dtype not in (torch.float32, torch.float64):
         return images.to(dtype)
     pixels = ((images.double() + 1) / 2 * 255).round().clamp(0, 255)
-    if not torch.equal(pixels.float().div(255).sub(0.5).div(0.5), images):
-        return images.double()
+    if not torch.equal(pixels.float().div(255).sub(0.5).div(0.5).to(images.dtype), images):
+        return images.to(dtype)
     return (pixels / 255 - 0.5) * 2
 
 
@@ -311,246 +559,3 @@ def build_mgan_degradation(
     return AdditiveGaussianNoise(float(noise_sigma) / 255.0, seed=int(seed))
 
 
-def ycbcr_recombine(result: Tensor, target: Tensor) -> Tensor:
-    """mGANprior's colorization output (SPEC §3.5): Y of the target with Cb, Cr of the result.
-
-    Both [B, 3, H, W] in [0, 1]. Like the reference, the result goes to uint8 by truncation, the
-    target's pixels are its original uint8 values, and the YCbCr conversions are PIL's (JPEG,
-    full range). Returns [B, 3, H, W] in [0, 1] on ``result``'s device, in float32 (float64 for
-    a float64 result).
-    """
-    # Truncated in float32, or in float64 for a float64 run: the reference's to_pil_image
-    # multiplies by 255 in its tensor's (the default) dtype.
-    work = result.detach().to(torch.promote_types(result.dtype, torch.float32))
-    out_u8 = truncate_to_uint8(work.clamp(0, 1)).permute(0, 2, 3, 1).cpu().numpy()
-    tgt_u8 = (target.detach().double().clamp(0, 1) * 255).round().to(torch.uint8)
-    tgt_u8 = tgt_u8.permute(0, 2, 3, 1).cpu().numpy()
-    merged = []
-    for out, tgt in zip(out_u8, tgt_u8):
-        _, cb, cr = Image.fromarray(out).convert("YCbCr").split()
-        y, _, _ = Image.fromarray(tgt).convert("YCbCr").split()
-        merged.append(np.asarray(Image.merge("YCbCr", (y, cb, cr)).convert("RGB")))
-    rgb = torch.from_numpy(np.stack(merged)).permute(0, 3, 1, 2)
-    return rgb.to(device=result.device, dtype=work.dtype).div(255)
-
-
-# --------------------------------------------------------------------------------------------
-# The method
-# --------------------------------------------------------------------------------------------
-
-
-class MGANPrior(SettingsAccessors, nn.Module):
-    """Fits B images at once with a fixed PGGAN; holds the per-image codes and importances."""
-
-    def __init__(
-        self,
-        G: PGGANGenerator,
-        settings: MGANSettings,
-        degradation: Degradation,
-        perceptual: VGGFeatureLoss | None = None,
-        task: str = "inversion",
-        ssim_data_range: float = 1.0,
-        ssim_window: str = "gaussian11",
-    ) -> None:
-        super().__init__()
-        self.G = G.eval()
-        for p in self.G.parameters():
-            p.requires_grad_(False)
-        self.settings = settings
-        self.degradation = degradation
-        self.perceptual = perceptual
-        self.task = task
-        self.ssim_data_range = float(ssim_data_range)
-        self.ssim_window = str(ssim_window)
-        self.layer = G.check_layer(settings.composing_layer)
-        self.channels = G.feature_shape(self.layer)[0]
-        if settings.vgg_lambda > 0 and perceptual is None:
-            raise ValueError("mganprior.vgg_lambda > 0 needs the VGG-16 network; " + VGG_WEIGHTS_HELP)
-        if perceptual is not None and {p.dtype for p in perceptual.parameters()} - {G.dtype}:
-            raise ValueError(f"the VGG network's dtype must be the generator's ({G.dtype}): move it "
-                             "with .to(dtype), as the runner does for trainer.precision")
-        self.batch_size = 0
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype of codes, importances, targets, losses and metrics: G's (float64 for
-        ``trainer.precision=64-true``)."""
-        return self.G.dtype
-
-    # ------------------------------------------------------------------ per-batch set-up
-    def start(
-        self,
-        images: Tensor,
-        classes: Tensor | None,
-        ids: list[str],
-        generators: list[torch.Generator],
-        initial_z: Tensor | None = None,
-    ) -> None:
-        """New batch: observations, fresh codes from each image's own RNG stream, α = 1/N.
-
-        ``images`` are [-1, 1]; float32 ones from genprior's loaders are brought to the
-        method's dtype as the reference reads them (``images_in_dtype``). ``initial_z``
-        ([B, N, z_dim], any float dtype) replaces the drawn codes.
-        """
-        s = self.settings
-        dtype = self.dtype
-        B = images.shape[0]
-        device = images.device
-        images = images_in_dtype(images, dtype)
-        self.batch_size = B
-        self.ids = list(ids)
-        self.target_origin = images
-        self.target = self.degradation.target(images, ids=self.ids)
-        shape = (s.z_number, self.G.z_dim)
-        if initial_z is not None:
-            z = initial_z.to(device=device, dtype=dtype).clone()
-        elif s.init_type == "Zero":
-            z = torch.zeros(B, *shape, device=device, dtype=dtype)
-        else:
-            # drawn in float32 whatever the run's dtype: a float64 run starts from the codes of
-            # a float32 run (the reference's own draw is unseeded, SPEC §3.1)
-            z = torch.stack([torch.randn(*shape, generator=generators[b], dtype=torch.float32)
-                             for b in range(B)]).to(device, dtype)
-        if tuple(z.shape) != (B, *shape):
-            raise ValueError(f"initial z must have shape {(B, *shape)}; got {tuple(z.shape)}")
-        # 1/N as a Python double, then in the run's dtype: the reference's torch.full(1/N)
-        alpha0 = 1.0 / s.z_number if s.alpha_init is None else float(s.alpha_init)
-        self.z = z.detach().clone().requires_grad_(True)
-        self.alpha = torch.full((B, s.z_number, self.channels), alpha0, device=device, dtype=dtype)
-        self.alpha.requires_grad_(s.train_alpha)
-        self.target_features: Tensor | None = None
-        if self.perceptual is not None:
-            with torch.no_grad():  # the target side of φ never changes within a fit
-                self.target_features = self.perceptual.features_of(self.target)
-        stage = Stage(iterations=s.iterations, G_lr=0.0, z_lr=s.lr, ftr_num=0, ft_num=0, lr_ratio=1.0,
-                      w_D_loss=0.0, w_mse=s.l2_lambda, w_percep=s.vgg_lambda, use_in=False)
-        self.progress = Progress([stage], B)
-        self.last_record: MGANStepRecord | None = None
-
-    def param_groups(self) -> list[dict[str, Any]]:
-        groups: list[dict[str, Any]] = [{"name": "z", "params": [self.z]}]
-        if self.settings.train_alpha:
-            groups.append({"name": "alpha", "params": [self.alpha]})
-        return groups
-
-    def make_optimizer(self) -> PerImageSGD | PerImageAdam:
-        """SGD (``GD``, the released default) or Adam with torch's defaults."""
-        if self.settings.optimization == "GD":
-            return PerImageSGD(self.param_groups(), batch_size=self.batch_size)
-        return PerImageAdam(self.param_groups(), batch_size=self.batch_size,
-                            betas=self.settings.betas, eps=self.settings.eps)
-
-    def step_lrs(self) -> dict[str, Tensor]:
-        lr = torch.tensor([0.0 if d else self.settings.lr for d in self.progress.done], dtype=torch.float64)
-        return {"z": lr, "alpha": lr.clone()}
-
-    # ------------------------------------------------------------------ forward and loss
-    def render(self, z: Tensor | None = None, alpha: Tensor | None = None) -> Tensor:
-        z = self.z if z is None else z
-        alpha = self.alpha if alpha is None else alpha
-        return self.G.multi_code(z, alpha, self.layer, self.settings.average_codes)
-
-    def loss(self) -> tuple[Tensor, MGANStepRecord, Tensor]:
-        """One iteration's forward pass: the summed loss, the per-image record, x."""
-        s = self.settings
-        B = self.batch_size
-        device = self.z.device
-        active = self.progress.active()
-        x = self.render()
-        x_map = self.degradation.apply(x, ids=self.ids)
-        diff = x_map - self.target
-        l2 = diff.square().flatten(1).mean(1)
-        l1 = diff.abs().flatten(1).mean(1)
-        vgg = torch.zeros(B, device=device, dtype=x.dtype)
-        if self.perceptual is not None and s.vgg_lambda > 0:
-            assert self.target_features is not None
-            vgg = self.perceptual(x_map, self.target_features)
-        # The released CombinationLoss's order of terms: l1, l2, vgg.
-        per_image = s.l1_lambda * l1 + s.l2_lambda * l2 + s.vgg_lambda * vgg
-        total = (per_image * active.to(device)).sum()
-        record = MGANStepRecord(l2=l2.detach(), l1=l1.detach(), vgg=vgg.detach(),
-                                total=per_image.detach(), active=active)
-        self.last_record = record
-        return total, record, x.detach()
-
-    def end_step(self, record: MGANStepRecord) -> list[bool]:
-        return self.progress.end_step([False] * self.batch_size)
-
-    # ------------------------------------------------------------------ results
-    @torch.no_grad()
-    def final_output(self) -> Tensor:
-        """One more forward pass with the final codes (SPEC §3.3): the raw generator output."""
-        return self.render().detach()
-
-    def latents(self, b: int) -> dict[str, Tensor]:
-        """Image b's fitted codes and importances (CPU copies)."""
-        return {"z": self.z[b].detach().cpu().clone(), "alpha": self.alpha[b].detach().cpu().clone(),
-                "composing_layer": torch.tensor(self.layer)}
-
-    def display(self, x: Tensor) -> Tensor:
-        """[-1, 1] -> [0, 1] in the method's dtype (float32, or float64 for a float64 run)."""
-        return ((x.detach().to(self.dtype) + 1) / 2).clamp(0, 1)
-
-    def observation_for_display(self) -> Tensor:
-        obs = self.target
-        if obs.shape[-2:] != self.target_origin.shape[-2:]:
-            # SR: the low-resolution image, nearest-upsampled (the reference's <name>-nn.png).
-            obs = F.interpolate(obs, size=self.target_origin.shape[-2:], mode="nearest")
-        return self.display(obs)
-
-    def clean_for_display(self) -> Tensor:
-        return self.display(self.target_origin)
-
-    def result_for_metrics(self, x: Tensor) -> Tensor:
-        """What the reference saves as the task's result, in [0, 1]: the raw G output, except
-        for colorization (target's Y with the output's CbCr)."""
-        result = self.display(x)
-        if self.task == "colorization":
-            result = ycbcr_recombine(result, self.clean_for_display())
-        return result
-
-    def hole_box(self) -> Box | None:
-        if isinstance(self.degradation, CenterSquareMask):
-            return self.degradation.metric_box(*self.target_origin.shape[-2:])
-        return None
-
-    @torch.no_grad()
-    def metrics(self, x: Tensor) -> dict[str, Tensor]:
-        """PSNR / SSIM of the task's result against the clean image, per image ([B])."""
-        result = self.result_for_metrics(x).double()
-        clean = self.clean_for_display().double()
-        out = {
-            "psnr": psnr(result, clean, data_range=1.0),
-            "ssim": ssim(result, clean, data_range=self.ssim_data_range, window=self.ssim_window),
-        }
-        box = self.hole_box()
-        if box is not None:
-            top, bottom, left, right = box
-            crop_r, crop_c = result[..., top:bottom, left:right], clean[..., top:bottom, left:right]
-            out["psnr_hole"] = psnr(crop_r, crop_c, data_range=1.0)
-            out["ssim_hole"] = ssim(crop_r, crop_c, data_range=self.ssim_data_range, window=self.ssim_window)
-        return out
-
-    @torch.no_grad()
-    def extra_images(self, x: Tensor, b: int) -> dict[str, Tensor]:
-        if self.task == "colorization":
-            return {"colorization": self.result_for_metrics(x[b : b + 1])[0]}
-        if isinstance(self.degradation, Masking):
-            # Not in the reference (its inpainting output is the raw G image): the known pixels
-            # of the observation pasted over the result.
-            known = self.degradation.known_mask(self.target_origin[b : b + 1], ids=self.ids[b : b + 1])
-            pasted = self.target_origin[b : b + 1] * known + x[b : b + 1] * (1 - known)
-            return {"composited": self.display(pasted)[0]}
-        return {}
-
-    @torch.no_grad()
-    def observation_metrics(self, b: int) -> dict[str, float]:
-        if isinstance(self.degradation, Identity):
-            return {}  # inversion: the observation is the clean image
-        obs = self.observation_for_display()[b : b + 1].double()
-        clean = self.clean_for_display()[b : b + 1].double()
-        return {"observation_psnr": float(psnr(obs, clean, data_range=1.0)[0])}
-
-    def image_info(self, b: int) -> dict[str, Any]:
-        return {"z_number": self.settings.z_number, "composing_layer": self.layer,
-                "train_alpha": self.settings.train_alpha}

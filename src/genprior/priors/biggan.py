@@ -32,8 +32,8 @@ Buffers follow the same rule:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -53,8 +53,6 @@ __all__ = [
     "SNConv2d",
     "SNEmbedding",
     "SNLinear",
-    "build_discriminator",
-    "build_generator",
     "cache_frozen_spectral_norms",
     "fused_attention",
     "orthogonal_init_",
@@ -926,25 +924,6 @@ def orthogonal_init_(module: nn.Module) -> nn.Module:
         if isinstance(m, nn.Conv2d | nn.Linear | nn.Embedding):
             nn.init.orthogonal_(m.weight)
     return module
-
-
-def build_generator(name_or_kwargs: str | Mapping[str, Any]) -> Generator:
-    """A Generator from a registry name (``biggan128``, ...) or from constructor kwargs."""
-    if isinstance(name_or_kwargs, str):
-        # The registry lives next to the loader, which imports this module.
-        from genprior.priors.checkpoints import get_entry
-
-        return Generator(**get_entry(name_or_kwargs).generator_kwargs())
-    return Generator(**dict(name_or_kwargs))
-
-
-def build_discriminator(name_or_kwargs: str | Mapping[str, Any]) -> Discriminator:
-    """A Discriminator from a registry name or from constructor kwargs."""
-    if isinstance(name_or_kwargs, str):
-        from genprior.priors.checkpoints import get_entry
-
-        return Discriminator(**get_entry(name_or_kwargs).discriminator_kwargs())
-    return Discriminator(**dict(name_or_kwargs))
 
 
 def stack_per_image(module: nn.Module, names: Sequence[str], n_images: int) -> dict[str, Tensor]:

@@ -37,7 +37,6 @@ __all__ = [
     "RESOLUTIONS",
     "ConvBlock",
     "PGGANGenerator",
-    "build_pggan",
     "compose_features",
     "pggan_channels",
     "pixel_norm",
@@ -286,11 +285,3 @@ class PGGANGenerator(nn.Module):
         used = sum(p.numel() for m in self.sequence() for p in m.parameters())
         return {"total": total, "derivable": used}
 
-
-def build_pggan(spec: str | dict | None = None, **kwargs: object) -> PGGANGenerator:
-    """A generator from a registry name (``genprior.priors.pggan_checkpoints``) or kwargs."""
-    if isinstance(spec, str):
-        from genprior.priors.pggan_checkpoints import get_entry
-
-        return PGGANGenerator(**get_entry(spec).generator_kwargs(), **kwargs)  # type: ignore[arg-type]
-    return PGGANGenerator(**{**(spec or {}), **kwargs})  # type: ignore[arg-type]

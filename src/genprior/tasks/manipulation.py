@@ -23,6 +23,7 @@ in ``manipulation.saved``. Deliberate differences from the reference:
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib.util
 import itertools
@@ -32,33 +33,45 @@ import math
 import re
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import imageio.v2 as imageio
+import lightning as L
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
+from timm.data import ImageNetInfo
 from torch import Tensor
 from torch.func import functional_call
 
-from genprior.callbacks.outputs import _safe, image_grid
-from genprior.image_io import save_image
+from genprior import engine
+from genprior.callbacks import SaveReconstructions
+from genprior.datamodules import load_items
+from genprior.device import pick_device
+from genprior.image_io import image_grid, safe_name, save_image
+from genprior.items import ImageItem, image_generator
+from genprior.methods import DGP
+from genprior.metrics import build_metrics
+from genprior.precision import run_dtype
+from genprior.priors.registry import build_biggan
 from genprior.saved import SavedReconstruction, resolve_saved_path, weights_identity
 
 __all__ = [
     "MANIPULATION_TASKS",
     "Fitted",
     "FittedPrior",
-    "ManipulationRunner",
+    "Manipulation",
     "category_transfer",
     "class_name",
     "interpolate_states",
     "jitter",
     "morph",
     "resolve_classes",
+    "run",
 ]
 
 MANIPULATION_TASKS = ("jitter", "morphing", "category_transfer")
@@ -190,12 +203,7 @@ def category_transfer(prior: FittedPrior, f: Fitted, classes: Sequence[int]) -> 
 
 
 @functools.lru_cache(maxsize=1)
-def _imagenet_info() -> Any:
-    try:
-        from timm.data import ImageNetInfo
-    except ImportError as err:  # pragma: no cover - timm < 0.9
-        raise ValueError("ImageNet class names need timm >= 0.9 (timm.data.ImageNetInfo); "
-                         "give class indices instead") from err
+def _imagenet_info() -> ImageNetInfo:
     return ImageNetInfo()
 
 
@@ -234,8 +242,6 @@ def resolve_classes(specs: Sequence[str | int], n_classes: int = 1000) -> list[i
             table = _name_table(n_classes)
             found = table.get(text.lower(), [])
             if not found:
-                import difflib
-
                 close = difflib.get_close_matches(text.lower(), list(table), n=3, cutoff=0.7)
                 hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
                 raise ValueError(f"unknown ImageNet class name {text!r}.{hint} Give an index "
@@ -301,8 +307,6 @@ def write_morph(folder: Path, frames: Tensor, frame_ms: int, bounce: bool,
         if importlib.util.find_spec("imageio_ffmpeg") is None:
             out["mp4_skipped"] = "no video encoder: pip install imageio-ffmpeg to also get morphing.mp4"
         else:
-            import imageio.v2 as imageio
-
             video = folder / "morphing.mp4"
             imageio.mimwrite(video, pictures, fps=1000.0 / max(1, int(frame_ms)), codec="libx264",
                              macro_block_size=16)
@@ -337,93 +341,65 @@ def log_media(loggers: Sequence[Any], key: str, images: Sequence[str] = (),
             lg.log_video(key=f"{key}_animation", videos=list(videos))
 
 
+
+
 # --------------------------------------------------------------------------------------------
-# train.py
+# The task
 # --------------------------------------------------------------------------------------------
 
 
-class ManipulationRunner:
-    """``task=jitter|morphing|category_transfer``: fit (or load) the images, then edit them."""
+@dataclass
+class Manipulation:
+    """What ``task=jitter|morphing|category_transfer`` does with every fit: checked from the
+    config before any fitting, so that a typo fails in seconds."""
 
-    def __init__(self, cfg: DictConfig) -> None:
-        from genprior.factory import DGPRunner, pick_device
+    task: str
+    settings: DictConfig  # the ``manipulation`` config section
+    seed: int  # with an image id, the image's jitter noise (items.image_generator)
+    saved: list[Path]  # ``manipulation.saved``, resolved; empty: fit the images first
+    classes: list[int]  # category transfer's target classes
 
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> Manipulation:
         task = str(cfg.task.name)
         if task not in MANIPULATION_TASKS:
             raise ValueError(f"task {task!r} is not a manipulation task; valid: {MANIPULATION_TASKS}")
-        self.saved = [resolve_saved_path(p) for p in cfg.manipulation.saved]
+        saved = [resolve_saved_path(p) for p in cfg.manipulation.saved]
         if cfg.prior.kind != "biggan":
-            made_with = (SavedReconstruction.load(self.saved[0]).prior.get("name")
-                         if self.saved else "biggan256")
+            made_with = SavedReconstruction.load(saved[0]).prior.get("name") if saved else "biggan256"
             raise ValueError(f"task={task} edits a fitted BigGAN, but prior.kind is "
                              f"{cfg.prior.kind!r}: add prior={made_with}"
-                             + (" (the prior the saved reconstruction was made with)"
-                                if self.saved else ""))
+                             + (" (the prior the saved reconstruction was made with)" if saved else ""))
         if cfg.prior.random_G:
             raise ValueError("manipulation renders the generator in eval mode; prior.random_G "
                              "(a train-mode generator) is not supported")
-        self.cfg = cfg
-        self.task = task
-        self.m = cfg.manipulation
-        self.device = pick_device(cfg)
-        # Check what the edit needs before any fitting, so a typo fails in seconds.
-        self.classes = (resolve_classes(list(self.m.classes), int(cfg.prior.n_classes))
-                        if task == "category_transfer" else [])
-        if task == "jitter" and (not self.m.jitter_stds or self.m.jitter_samples < 1):
+        m = cfg.manipulation
+        classes = resolve_classes(list(m.classes), int(cfg.prior.n_classes)) if task == "category_transfer" else []
+        if task == "jitter" and (not m.jitter_stds or m.jitter_samples < 1):
             raise ValueError("task=jitter needs manipulation.jitter_stds and jitter_samples >= 1")
-        if task == "morphing" and self.m.morph_steps < 1:
+        if task == "morphing" and m.morph_steps < 1:
             raise ValueError("manipulation.morph_steps must be >= 1")
-        if task == "morphing" and self.saved and len(self.saved) < 2:
+        if task == "morphing" and saved and len(saved) < 2:
             raise ValueError("task=morphing needs two saved reconstructions: "
                              "manipulation.saved=[a/reconstruction.pt,b/reconstruction.pt]")
-        self.fitter = None if self.saved else DGPRunner(cfg)
+        return cls(task=task, settings=m, seed=int(cfg.seed), saved=saved, classes=classes)
 
-    def run(self, items: list[Any], out: Path) -> list[dict[str, Any]]:
-        from genprior.train import make_loggers
-
-        loggers = make_loggers(self.cfg, out)
-        rows: list[dict[str, Any]] = []
-        if self.fitter is None:
-            from genprior.factory import load_biggan_prior
-
-            G, _ = load_biggan_prior(self.cfg, self.device, need_D=False)
-            base = dict(G.state_dict())  # never written: renders substitute tensors
-            paths, weights = self.saved, None
-        else:
-            usable = [item for item in items if item.error is None]
-            if self.task == "morphing" and len(usable) < 2:
-                raise ValueError("task=morphing needs two images: data.source=<a list file with "
-                                 "two images and their classes> (or manipulation.saved=[a,b])")
-            saver = self.fitter.reconstruction_saver(out)
-            rows = self.fitter.run(items, out, loggers=loggers, callbacks=[saver])
-            G, base = self.fitter.method.G, self.fitter.method.G_weight
-            paths = list(dict.fromkeys(saver.written))
-            weights = saver.weights
-        prior_cfg = OmegaConf.to_container(self.cfg.prior, resolve=True)
-        prior = FittedPrior(G, base, prior_cfg, weights,  # type: ignore[arg-type]
-                            chunk=int(self.m.render_chunk))
+    def jobs(self, paths: Sequence[Path]) -> list[list[Path]]:
+        """The files each edit reads: one per fit, or every consecutive pair for morphing."""
         if self.task == "morphing":
-            jobs = [[a, b] for a, b in itertools.pairwise(paths)]
-            if not jobs:
-                rows.append({"id": "morphing", "task": self.task, "status": "failed",
-                             "error": f"morphing needs two reconstructions, {len(paths)} fitted"})
-        else:
-            jobs = [[p] for p in paths]
-        for job in jobs:
-            rows.append(self._edit(prior, job, out, loggers))
-        return rows
+            return [[a, b] for a, b in itertools.pairwise(paths)]
+        return [[p] for p in paths]
 
-    def _edit(self, prior: FittedPrior, paths: list[Path], out: Path,
-              loggers: Sequence[Any]) -> dict[str, Any]:
+    def edit(self, prior: FittedPrior, paths: list[Path], out: Path, loggers: Sequence[Any]) -> dict[str, Any]:
+        """One edit's row; its files go to ``<out>/<id>/`` (id: the image ids joined by _)."""
         start = time.perf_counter()
         row: dict[str, Any] = {"id": "_".join(p.parent.name for p in paths), "task": self.task,
                                "path": ",".join(str(p) for p in paths)}
         try:
             fitted = [prior.load(p) for p in paths]
-            row["id"] = "_".join(_safe(f.image_id) for f in fitted)
+            row["id"] = "_".join(safe_name(f.image_id) for f in fitted)
             row["class"] = [f.class_id for f in fitted] if len(fitted) > 1 else fitted[0].class_id
-            folder = out / row["id"]
-            row["outputs"] = self._write(prior, fitted, folder, loggers)
+            row["outputs"] = self.write(prior, fitted, out / row["id"], loggers)
             row["status"] = "ok"
             if "mp4_skipped" in row["outputs"]:
                 print(f"genprior: {row['outputs']['mp4_skipped']}")
@@ -435,16 +411,14 @@ class ManipulationRunner:
         row["seconds"] = time.perf_counter() - start
         return row
 
-    def _write(self, prior: FittedPrior, fitted: list[Fitted], folder: Path,
-               loggers: Sequence[Any]) -> dict[str, str]:
-        from genprior.train import image_generator
-
-        m = self.m
+    def write(self, prior: FittedPrior, fitted: list[Fitted], folder: Path,
+              loggers: Sequence[Any]) -> dict[str, str]:
+        m = self.settings
         recon = [prior.reconstruction(f) for f in fitted]
         if self.task == "jitter":
             (f,), (x,) = fitted, recon
             save_image(x, folder / "reconstruction.png")
-            gen = image_generator(int(self.cfg.seed), f"{f.image_id}/jitter")
+            gen = image_generator(self.seed, f"{f.image_id}/jitter")
             images = jitter(prior, f, list(m.jitter_stds), int(m.jitter_samples), gen)
             files = write_jitter(folder, x, images, list(m.jitter_stds), int(m.jitter_per_row))
             log_media(loggers, f"jitter/{f.image_id}", images=[files["sheet"]])
@@ -470,3 +444,73 @@ class ManipulationRunner:
                   videos=[files["gif"]])
         return files
 
+
+def fit_and_save(cfg: DictConfig, edit: Manipulation, out: Path, *, items: Sequence[ImageItem] | None,
+                 read: Callable[[ImageItem], ImageItem] | None, loggers: Sequence[Any],
+                 callbacks: Sequence[L.Callback], on_row: Callable[[dict[str, Any]], None] | None,
+                 ) -> tuple[list[dict[str, Any]], FittedPrior, list[Path]]:
+    """DGP fits the images (``items``, else ``data.*``'s) through the engine and saves each fit
+    as ``<out>/<id>/reconstruction.pt``. Returns the fits' rows, the fit's prior (G and its
+    pretrained state, on the run's device) and the files written."""
+    if items is None:
+        items = load_items(cfg, DGP)
+    if edit.task == "morphing" and sum(item.error is None for item in items) < 2:
+        raise ValueError("task=morphing needs two images: data.source=<a list file with "
+                         "two images and their classes> (or manipulation.saved=[a,b])")
+    method = DGP.from_config(cfg)
+    saver = SaveReconstructions(out, cfg)
+    # The edits read this saver's files and weights identity: the engine must not add a second
+    # saver of its own (it does with output.save_G).
+    fit_cfg = cfg.copy()
+    fit_cfg.output.save_G = False
+    extra = build_metrics(cfg.metrics, value_range=(0.0, 1.0)) if cfg.metrics.extra else {}
+    rows = engine.run(fit_cfg, method, items, out, read=read, loggers=loggers, callbacks=[saver, *callbacks],
+                      extra_metrics=extra, on_row=on_row)
+    # Lightning's teardown leaves the module on the CPU; the edits render on the run's device.
+    # The pretrained state is never written: a render substitutes each fit's tensors.
+    device = pick_device(cfg)
+    base = {k: v.to(device) for k, v in method.G_weight.items()}
+    prior = FittedPrior(method.G.to(device), base, _prior_section(cfg), saver.weights,
+                        chunk=int(cfg.manipulation.render_chunk))
+    return rows, prior, list(dict.fromkeys(saver.written))
+
+
+def run(cfg: DictConfig, out: Path, *, items: Sequence[ImageItem] | None = None,
+        on_row: Callable[[dict[str, Any]], None] | None = None,
+        read: Callable[[ImageItem], ImageItem] | None = None,
+        loggers: Sequence[Any] | None = None, callbacks: Sequence[L.Callback] = ()) -> list[dict[str, Any]]:
+    """``task=jitter|morphing|category_transfer``: fit and save the images (or read the files
+    of ``manipulation.saved``), then edit every fit. The fits' rows, then one row per edit.
+
+    ``callbacks`` join the fit's (evaluate.py's W&B progress); ``loggers`` default to
+    ``logger.kind``'s, and also get the edits' sheets and animations."""
+    edit = Manipulation.from_config(cfg)
+    out = Path(out)
+    loggers = list(engine.make_loggers(cfg, out) if loggers is None else loggers)
+    rows: list[dict[str, Any]] = []
+
+    def add(row: dict[str, Any]) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
+    if edit.saved:
+        G, _ = build_biggan(cfg.prior, dtype=run_dtype(cfg), device=pick_device(cfg), need_D=False)
+        prior = FittedPrior(G, dict(G.state_dict()), _prior_section(cfg),
+                            chunk=int(cfg.manipulation.render_chunk))
+        paths = edit.saved
+    else:
+        fit_rows, prior, paths = fit_and_save(cfg, edit, out, items=items, read=read, loggers=loggers,
+                                              callbacks=callbacks, on_row=on_row)
+        rows.extend(fit_rows)  # on_row has had them from the engine
+    jobs = edit.jobs(paths)
+    if edit.task == "morphing" and not jobs:
+        add({"id": "morphing", "task": edit.task, "status": "failed",
+             "error": f"morphing needs two reconstructions, {len(paths)} fitted"})
+    for job in jobs:
+        add(edit.edit(prior, job, out, loggers))
+    return rows
+
+
+def _prior_section(cfg: DictConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg.prior, resolve=True)  # type: ignore[return-value]

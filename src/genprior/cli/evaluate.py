@@ -9,9 +9,10 @@ Reads top to bottom like the evaluation (design and reasons: docs/evaluation.md)
    share gradients (../shared/DESIGN.md, "The trap in multi-GPU").
 2. Every rank lists the same subset of the data source.
 3. Rank 0 reads the finished ids from the results folder and broadcasts them.
-4. Every rank removes the finished ids, takes its contiguous shard, and fits it batch by batch
-   on its own device (a Lightning Trainer per batch, as train.py), appending one durable row
-   per finished image to ``<output.dir>/results/rank<r>.jsonl``.
+4. Every rank removes the finished ids, takes its contiguous shard, and fits it on its own
+   device in one ``Trainer.fit`` (the task's, as train.py: ``genprior.tasks.run``), B images at
+   a time, each read when its batch comes up, appending one durable row per finished image to
+   ``<output.dir>/results/rank<r>.jsonl``.
 5. After a barrier, rank 0 merges the rows, writes ``results.jsonl`` and the summary
    (``summary.csv`` / ``.md`` / ``.json``), prints it, and finishes the W&B report.
 """
@@ -25,14 +26,31 @@ import socket
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import lightning as L
+from lightning.fabric import Fabric
+from lightning.fabric.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from genprior import tasks
+from genprior.callbacks import WandbReport
 from genprior.config import ConfigError, compose_or_exit, to_yaml
+from genprior.datamodules import (
+    ImageFolderDataModule,
+    ImageNetValDataModule,
+    ImageRecordDataModule,
+    LSUNDataModule,
+    sample_item,
+    select_shard,
+)
+from genprior.image_io import safe_name
+from genprior.items import ImageItem
+from genprior.methods import method_class
 from genprior.results import (
     ResultsWriter,
     atomic_write_text,
@@ -45,8 +63,10 @@ from genprior.results import (
     to_jsonable,
     write_summary_files,
 )
+from genprior.tasks.defense import write_defense_report
 
-__all__ = ["evaluate_rank", "list_subset", "make_fabric", "prepare_results", "run_evaluate"]
+__all__ = ["evaluate_main", "evaluate_rank", "list_subset", "make_fabric", "prepare_results",
+           "run_evaluate"]
 
 log = logging.getLogger("genprior")
 
@@ -56,6 +76,10 @@ RESULT_SECTIONS = ("prior", "task", "dgp", "dip", "mganprior", "manipulation", "
                    "defense")
 # ... except keys that only change what is displayed or saved along the way.
 DISPLAY_KEYS = frozenset({"dgp.print_interval", "dgp.save_interval", "dip.show_every"})
+
+
+def evaluate_main(argv: Sequence[str] | None = None) -> int:
+    return run_evaluate(sys.argv[1:] if argv is None else list(argv))
 
 
 def run_evaluate(argv: Sequence[str]) -> int:
@@ -78,15 +102,12 @@ def run_evaluate(argv: Sequence[str]) -> int:
     return int(fabric.launch(evaluate_rank, cfg) or 0)
 
 
-def make_fabric(cfg: DictConfig) -> Any:
+def make_fabric(cfg: DictConfig) -> Fabric:
     """Fabric from ``trainer.accelerator/devices/num_nodes/strategy``, for launching only.
 
     When the strategy is DDP (as "auto" becomes with several devices), it gets a process-group
     timeout of ``eval.dist_timeout_s``: ranks that finish early wait at the final barrier.
     """
-    from lightning.fabric import Fabric
-    from lightning.fabric.strategies import DDPStrategy
-
     t = cfg.trainer
     devices = OmegaConf.to_container(t.devices) if OmegaConf.is_config(t.devices) else t.devices
     kwargs = {"accelerator": str(t.accelerator), "devices": devices, "num_nodes": int(t.num_nodes)}
@@ -104,12 +125,8 @@ def make_fabric(cfg: DictConfig) -> Any:
     return fabric
 
 
-def evaluate_rank(fabric: Any, cfg: DictConfig) -> int:
+def evaluate_rank(fabric: Fabric, cfg: DictConfig) -> int:
     """What every process runs: its shard of the unfinished images, then (rank 0) the summary."""
-    import lightning as L
-
-    from genprior.callbacks.wandb_report import WandbReport
-
     rank, world = int(fabric.global_rank), int(fabric.world_size)
     _quiet_lightning()
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -120,57 +137,42 @@ def evaluate_rank(fabric: Any, cfg: DictConfig) -> int:
     source, subset = list_subset(cfg)
 
     # 3. rank 0 decides what is finished; an error there stops every rank, not only rank 0
-    state: dict[str, Any] = {}
-    if rank == 0:
-        try:
-            state = prepare_results(cfg, out, results_dir, [item.id for item in subset])
-        except ConfigError as err:
-            state = {"error": str(err)}
-        except Exception as err:  # e.g. an unwritable output.dir
-            state = {"error": f"cannot prepare the results in {results_dir}: "
-                              f"{type(err).__name__}: {err}"}
-    state = fabric.broadcast(state, src=0)
+    state = fabric.broadcast(decide_finished(cfg, out, results_dir, subset_ids(subset)), src=0)
     if state.get("error"):
         print(f"evaluate.py: {state['error']}", file=sys.stderr)
         return 2
     finished = set(state["finished"])
 
-    # 4. this rank's shard of what is left, fitted batch by batch
-    from genprior.datamodules import select_shard
-
+    # 4. this rank's shard of what is left, fitted B images at a time in one Trainer.fit
     todo = [item for item in subset if item.id not in finished]
     shard = select_shard(todo, rank, world)
     print(f"genprior evaluate [rank {rank}/{world}]: {len(subset)} image(s) in the subset, "
           f"{len(finished)} finished before, {len(todo)} to do, {len(shard)} on this rank "
           f"({fabric.device})", flush=True)
-    report = WandbReport(cfg, out)
+    report = WandbReport(cfg, out, results_dir, set(subset_ids(subset)))
     report.start(total=len(subset))
     if shard:
-        fit_shard(cfg, source, shard, out, rank_file(results_dir, rank), rank, world,
-                  float(state["run_started_at"]), report, results_dir, set(subset_ids(subset)))
+        fit_shard(cfg, source, shard, out, results_dir, rank, world, float(state["run_started_at"]),
+                  report)
 
     # 5. merge and summarise on rank 0 once every rank is done
     fabric.barrier()
-    code = 0
-    if rank == 0:
-        code = finish(cfg, out, results_dir, subset, finished, report)
+    code = finish(cfg, out, results_dir, subset, finished, report)  # rank 0's; None elsewhere
     fabric.barrier()
-    return code
+    return int(code or 0)
 
 
 # ------------------------------------------------------------------------------------ data
-def subset_ids(items: Sequence[Any]) -> list[str]:
+def subset_ids(items: Sequence[ImageItem]) -> list[str]:
     return [item.id for item in items]
 
 
-def list_subset(cfg: DictConfig) -> tuple[Any, list[Any]]:
-    """(the datamodule, or None for the embedded sample; the subset's items in order).
+def list_subset(cfg: DictConfig) -> tuple[ImageRecordDataModule | None, list[ImageItem]]:
+    """(the datamodule, or None for the embedded sample; the subset's items, unread, in order).
 
     The subset is computed on the full listing (never on what is left), then ``data.limit``
     keeps its first N: so a resumed run sees the same subset.
     """
-    from genprior.datamodules import ImageItem
-
     dm = build_datamodule(cfg)
     if dm is None:
         items = [ImageItem("astronaut", "skimage.data.astronaut", int(cfg.data.class_id))]
@@ -184,26 +186,27 @@ def list_subset(cfg: DictConfig) -> tuple[Any, list[Any]]:
     return dm, items
 
 
-def build_datamodule(cfg: DictConfig) -> Any:
-    """The datamodule ``data.kind`` names (rank 0 of 1: evaluate shards the list itself)."""
-    from genprior.datamodules import ImageFolderDataModule, ImageNetValDataModule, LSUNDataModule
-    from genprior.factory import _resolution
-
+def build_datamodule(cfg: DictConfig) -> ImageRecordDataModule | None:
+    """The datamodule ``data.kind`` names (rank 0 of 1: evaluate shards the list itself),
+    preparing images as the configured method wants them (its ``image_size``, its
+    ``preprocessing`` unless ``data.preprocessing`` says otherwise)."""
     d = cfg.data
     kind = str(d.kind)
     if kind == "auto" and str(d.source) == "sample":
         return None
+    method = method_class(str(cfg.prior.kind))
     spec = OmegaConf.to_container(d.subset, resolve=True)
     subset = {k: v for k, v in spec.items() if v is not None} or None  # type: ignore[union-attr]
-    common: dict[str, Any] = {
-        "subset": subset, "batch_size": _fixed_batch_size(cfg),
-        "num_workers": int(d.num_workers), "rank": 0, "world_size": 1,
-    }
-    preprocessing = _preprocessing(cfg)
+    common: dict[str, Any] = {"subset": subset, "num_workers": int(d.num_workers), "rank": 0,
+                              "world_size": 1}
+    # "dgp" is every datamodule's default recipe except LSUN's, whose default is PGGAN's (how
+    # those training sets were made): a DGP run keeps each datamodule's own default.
+    preprocessing = d.preprocessing or (None if method.preprocessing == "dgp" else method.preprocessing)
     if preprocessing is not None:
-        common["preprocessing"] = preprocessing
-    n_classes = int(cfg.prior.n_classes) if cfg.prior.kind == "biggan" else None
-    resolution = _resolution(cfg)
+        common["preprocessing"] = str(preprocessing)
+    # the DGP recipe's BigGAN is class-conditional: a class outside its range is an image's error
+    n_classes = int(cfg.prior.n_classes) if method.preprocessing == "dgp" else None
+    resolution = method.image_size(cfg)
     if kind in ("auto", "image", "folder", "list"):
         return ImageFolderDataModule(
             str(d.source), resolution, root=d.root, kind=kind, default_class=int(d.class_id),
@@ -222,26 +225,14 @@ def build_datamodule(cfg: DictConfig) -> Any:
                      f"imagenet_val or lsun, got {kind!r}")
 
 
-def _preprocessing(cfg: DictConfig) -> str | None:
-    if cfg.data.preprocessing:
-        return str(cfg.data.preprocessing)
-    # As train.py: DIP fits images at their own size, PGGAN uses its LSUN recipe.
-    return {"dip": "none", "pggan": "pggan"}.get(str(cfg.prior.kind))
-
-
-def records_for(cfg: DictConfig, source: Any, items: list[Any]) -> Any:
-    """Lazily read records (image, class, id, path, error) of ``items``."""
+def image_reader(cfg: DictConfig, source: ImageRecordDataModule | None,
+                 items: list[ImageItem]) -> Callable[[ImageItem], ImageItem]:
+    """How the engine reads an item of ``items`` when its batch comes up (the datamodule's
+    dataset; the embedded sample is prepared as train.py prepares it)."""
     if source is not None:
-        return source.make_dataset(items)
-    from genprior.factory import load_items
-
-    sample = load_items(cfg)[0]
-    return [{"image": sample.image, "class": sample.class_id, "id": sample.id,
-             "path": sample.path, "error": "", "warning": ""}]
-
-
-def _as_list(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return records
+        return source.make_dataset(items).read
+    method = method_class(str(cfg.prior.kind))
+    return lambda item: sample_item(method.image_size(cfg), method.preprocessing, item.class_id)
 
 
 # ------------------------------------------------------------------------------- results
@@ -262,6 +253,18 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
             flat.update(_flatten(v, f"{prefix}{k}."))
         return flat
     return {prefix[:-1]: node}
+
+
+@rank_zero_only
+def decide_finished(cfg: DictConfig, out: Path, results_dir: Path, ids: list[str]) -> dict[str, Any]:
+    """Rank 0's ``prepare_results``, its errors as the state's ``error`` (None on other ranks:
+    they receive rank 0's state)."""
+    try:
+        return prepare_results(cfg, out, results_dir, ids)
+    except ConfigError as err:
+        return {"error": str(err)}
+    except Exception as err:  # e.g. an unwritable output.dir
+        return {"error": f"cannot prepare the results in {results_dir}: {type(err).__name__}: {err}"}
 
 
 def prepare_results(cfg: DictConfig, out: Path, results_dir: Path, ids: list[str]) -> dict[str, Any]:
@@ -302,65 +305,47 @@ def prepare_results(cfg: DictConfig, out: Path, results_dir: Path, ids: list[str
     return {"finished": finished, "run_started_at": time.time(), "error": None}
 
 
-def fit_shard(cfg: DictConfig, source: Any, shard: list[Any], out: Path, path: Path, rank: int,
-              world: int, run_started_at: float, report: Any, results_dir: Path,
-              subset: set[str]) -> None:
-    """Fit this rank's images B at a time; one durable row per image as soon as it is done."""
-    from torch.utils.data import DataLoader
-
-    from genprior.callbacks.outputs import _safe
-    from genprior.factory import build_runner
-    from genprior.train import ImageItem
-
+def fit_shard(cfg: DictConfig, source: ImageRecordDataModule | None, shard: list[ImageItem],
+              out: Path, results_dir: Path, rank: int, world: int, run_started_at: float,
+              report: WandbReport) -> None:
+    """Fit this rank's images in one ``Trainer.fit``, B at a time (``trainer.batch_size``, "auto"
+    resolved once for the shard); one durable row per image in ``results/rank<r>.jsonl`` as
+    soon as it is done."""
     # Per-step curves go to every image's losses.csv; the run-level logger is the W&B report.
-    runner_cfg = cfg.copy()
-    runner_cfg.logger.kind = "none"
-    runner = build_runner(runner_cfg)
-    records = records_for(cfg, source, shard)
-    B = _shard_batch_size(cfg, runner, records)
-    runner_cfg.trainer.batch_size = B  # resolved once: run_batches must not probe again
-    loader = DataLoader(records, batch_size=B, shuffle=False,
-                        num_workers=int(cfg.data.num_workers), collate_fn=_as_list)
+    fit_cfg = cfg.copy()
+    fit_cfg.logger.kind = "none"
+    listed = {item.id: item for item in shard}
+    read_image = image_reader(cfg, source, shard)
+    warned: dict[str, str] = {}  # what reading an image warned about goes into its row
+
+    def read(item: ImageItem) -> ImageItem:
+        item = read_image(item)
+        if item.warning:
+            warned[item.id] = item.warning
+        return item
+
     host, pid, done = socket.gethostname(), os.getpid(), 0
-    with ResultsWriter(path) as writer:
-        for records in loader:
-            items = [ImageItem(id=r["id"], path=r["path"],
-                               image=None if r["error"] else r["image"],
-                               class_id=int(r["class"]), error=r["error"] or None)
-                     for r in records]
-            rows = runner.run(items, out)
-            by_id = {r["id"]: r for r in records}
-            for row in rows:
-                record = by_id.get(row["id"], {})
-                row.setdefault("class", int(record.get("class", -1)))
-                row.setdefault("path", record.get("path", ""))
-                if record.get("warning"):
-                    row["warning"] = record["warning"]
-                row.update(label=int(record.get("class", -1)), dir=_safe(row["id"]), rank=rank,
-                           world_size=world, host=host, pid=pid,
-                           run_started_at=run_started_at, finished_at=time.time())
-                writer.append(row)
-                done += 1
-                print(f"genprior evaluate [rank {rank}] {done}/{len(shard)} {row['id']}: "
-                      f"{_brief(row)}", flush=True)
-            report.progress(results_dir, subset)
+    with ResultsWriter(rank_file(results_dir, rank)) as writer:
 
+        def on_row(row: dict[str, Any]) -> None:
+            nonlocal done
+            item = listed.get(row["id"])
+            class_id = item.class_id if item is not None else -1
+            row.setdefault("class", class_id)
+            row.setdefault("path", item.path if item is not None else "")
+            if warned.get(row["id"]):
+                row["warning"] = warned[row["id"]]
+            row.update(label=class_id, dir=safe_name(row["id"]), rank=rank, world_size=world,
+                       host=host, pid=pid, run_started_at=run_started_at, finished_at=time.time())
+            writer.append(row)
+            done += 1
+            print(f"genprior evaluate [rank {rank}] {done}/{len(shard)} {row['id']}: "
+                  f"{_brief(row)}", flush=True)
 
-def _fixed_batch_size(cfg: DictConfig) -> int:
-    value = cfg.trainer.batch_size
-    return 1 if str(value) == "auto" else max(1, int(value))
-
-
-def _shard_batch_size(cfg: DictConfig, runner: Any, records: Any) -> int:
-    """trainer.batch_size for this rank; "auto" (the default) measures the GPU (genprior.perf)."""
-    from genprior.perf import batch_size_for
-    from genprior.train import ImageItem
-
-    # The GPU probe (batch_size_for decides whether to run it) fits the first readable image.
-    first = next((r for r in records if not r["error"]), None)
-    items = [ImageItem(id=first["id"], path=first["path"], image=first["image"],
-                       class_id=int(first["class"]))] * len(records) if first is not None else []
-    return batch_size_for(cfg, items, getattr(runner, "prepare", None))
+        # the W&B report follows the fit batch by batch (only a report that is on needs to)
+        reporting = {"callbacks": [report]} if report.enabled else {}
+        tasks.run(fit_cfg, out, items=shard, on_row=on_row, read=read, **reporting)
+    report.progress(results_dir, report.subset)
 
 
 def _brief(row: dict[str, Any]) -> str:
@@ -372,8 +357,9 @@ def _brief(row: dict[str, Any]) -> str:
     return ", ".join(parts) or "ok"
 
 
-def finish(cfg: DictConfig, out: Path, results_dir: Path, subset: list[Any],
-           finished_before: set[str], report: Any) -> int:
+@rank_zero_only
+def finish(cfg: DictConfig, out: Path, results_dir: Path, subset: list[ImageItem],
+           finished_before: set[str], report: WandbReport) -> int:
     """Rank 0: merged ``results.jsonl``, summary files and printout, the W&B report."""
     best = latest_rows(iter_rows(results_dir))
     rows = [best[i.id] for i in subset if i.id in best]
@@ -400,8 +386,6 @@ def finish(cfg: DictConfig, out: Path, results_dir: Path, subset: list[Any],
                 print(f"  {r['id']}: {r.get('error')}")
     print(f"results: {(out / 'results.jsonl').resolve()}\nsummary: {(out / 'summary.md').resolve()}")
     if str(cfg.task.name) == "defense":  # the robustness report (docs/defense.md)
-        from genprior.defense import write_defense_report
-
         write_defense_report(cfg, out, rows, report)
     try:
         report.finish(rows, stats, counts, out)

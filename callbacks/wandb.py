@@ -1,8 +1,13 @@
-"""The W&B report of an evaluation, made by rank 0 only.
+"""W&B: the loggers' run for train.py, and the report of an evaluation (rank 0 only).
 
-Other ranks never touch W&B: their rows reach rank 0 through the results files, which rank 0
-reads (after each of its own batches for the progress curves, and after the final barrier for
-the report). What is logged:
+The run is offline unless the user is logged in (``resolve_mode``); the API key is never read
+into logs, configs or the mirror.
+
+The report of an evaluation (``WandbReport``): evaluate.py makes one on every rank and passes
+it to the fit of the rank's shard as a callback, but only rank 0 touches W&B (its methods are
+Lightning's ``rank_zero_only``). Other ranks' rows reach rank 0 through the results files,
+which rank 0 reads (after each of its own batches for the progress curves, and after the final
+barrier for the report). What is logged:
 
 - the resolved config as the run config (at start);
 - ``progress/*``: images finished / ok / failed and running means of the metrics (while running);
@@ -13,8 +18,7 @@ the report). What is logged:
 - the summary: ``mean/<m>``, ``std/<m>``, ``ci95_low/<m>``, ``ci95_high/<m>``, ``n/<m>`` for
   every metric, and ``images/<count>``.
 
-The run is offline unless the user is logged in (`genprior.wandb_utils.resolve_mode`); the API
-key is never read, logged or mirrored. Everything logged is also written, as plain JSON, to
+Everything logged is also written, as plain JSON, to
 ``<output.dir>/wandb_mirror.json`` (image cells as file paths), so that tests and scripts can
 check a run without W&B.
 """
@@ -23,24 +27,65 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
+import netrc
+import os
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.utilities import rank_zero_only
+import lightning as L
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
+from PIL import Image
 
 from genprior.results import MetricStats, atomic_write_text, iter_rows, latest_rows, to_jsonable
 
-__all__ = ["WandbReport"]
+__all__ = ["WandbReport", "make_wandb_logger", "resolve_mode", "wandb_logged_in"]
 
 
-class WandbReport:
-    """Rank-zero W&B run of one evaluate.py invocation (a no-op unless ``logger.kind=wandb``)."""
+def wandb_logged_in() -> bool:
+    """True if an API key is available (env var or ~/.netrc entry), without reading it out."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        hosts = netrc.netrc().hosts
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    return any("wandb" in host for host in hosts)
 
-    def __init__(self, cfg: DictConfig, out: str | Path) -> None:
+
+def resolve_mode(mode: str) -> str:
+    if mode == "auto":
+        return "online" if wandb_logged_in() else "offline"
+    if mode not in ("online", "offline", "disabled"):
+        raise ValueError(f"logger.mode must be auto, online, offline or disabled, got {mode!r}")
+    return mode
+
+
+def make_wandb_logger(cfg: DictConfig, out: Path) -> Any:
+    """Lightning's WandbLogger for a train.py run, its files under ``out``."""
+    return WandbLogger(project=cfg.logger.project, entity=cfg.logger.entity, save_dir=str(out),
+                       mode=resolve_mode(str(cfg.logger.mode)),
+                       config=OmegaConf.to_container(cfg, resolve=True))
+
+
+class WandbReport(L.Callback):
+    """Rank-zero W&B run of one evaluate.py invocation (a no-op unless ``logger.kind=wandb``).
+
+    evaluate.py calls ``start`` before the fit of its shard, ``progress`` once more after it
+    (images that could not be read after the last batch have rows but no batch of their own),
+    and ``finish`` after the final barrier, with every rank's rows. In between, as a callback
+    of that fit, it logs the progress of the whole evaluation (every rank's rows in
+    ``results_dir``, counted within ``subset``) after every batch.
+    """
+
+    def __init__(self, cfg: DictConfig, out: str | Path, results_dir: Path | None = None,
+                 subset: set[str] | None = None) -> None:
+        super().__init__()
         self.cfg = cfg
         self.out = Path(out)
+        self.results_dir = results_dir
+        self.subset = subset or set()
         self.enabled = str(cfg.logger.kind) == "wandb"
         self.sheets_first_k = int(cfg.eval.wandb_sheets_first_k)
         self.thumbnail = int(cfg.eval.wandb_thumbnail_size)
@@ -56,9 +101,7 @@ class WandbReport:
     def start(self, total: int) -> None:
         if not self.enabled:
             return
-        import wandb
-
-        from genprior.wandb_utils import resolve_mode
+        import wandb  # optional heavy dependency, only for logger.kind=wandb
 
         mode = resolve_mode(str(self.cfg.logger.mode))
         if mode == "disabled":
@@ -75,7 +118,7 @@ class WandbReport:
                 group=self.out.resolve().name,
             )
         except Exception as err:  # W&B trouble must not cost an evaluation of GPU-days
-            warnings.warn(f"W&B report disabled, wandb.init failed: {err}", stacklevel=2)
+            rank_zero_warn(f"W&B report disabled, wandb.init failed: {err}")
             self.enabled = False
             return
         run_dir = Path(self.run.dir).parent  # <out>/wandb/<offline-|>run-<time>-<id>
@@ -90,9 +133,13 @@ class WandbReport:
         }
         self._write_mirror()
 
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if self.results_dir is not None:  # a batch of images is done
+            self.progress(self.results_dir, self.subset)
+
     @rank_zero_only
     def progress(self, results_dir: Path, subset: set[str]) -> None:
-        """Counts and running means over every rank's rows so far."""
+        """Counts and running means over every rank's rows so far (logged when they changed)."""
         if self.run is None:
             return
         rows = [r for i, r in latest_rows(iter_rows(results_dir)).items() if i in subset]
@@ -106,10 +153,12 @@ class WandbReport:
             vals = [float(r[key]) for r in ok if isinstance(r.get(key), int | float)]
             if vals:
                 values[f"running_mean/{key}"] = math.fsum(vals) / len(vals)
+        if self.mirror["history"] and self.mirror["history"][-1] == values:
+            return
         try:
             self.run.log(values)
         except Exception as err:
-            warnings.warn(f"W&B progress not logged: {err}", stacklevel=2)
+            rank_zero_warn(f"W&B progress not logged: {err}")
             return
         self.mirror["history"].append(values)
         self._write_mirror()
@@ -120,7 +169,7 @@ class WandbReport:
         """Stage sheets, the per-image table and the summary; closes the run."""
         if self.run is None:
             return
-        import wandb
+        import wandb  # optional heavy dependency, only for logger.kind=wandb
 
         logged: dict[str, Any] = {}
         for row in rows:
@@ -173,7 +222,7 @@ class WandbReport:
         call before ``finish``."""
         if self.run is None:
             return
-        import wandb
+        import wandb  # optional heavy dependency, only for logger.kind=wandb
 
         self.run.log({key: wandb.Table(columns=columns, data=data)})
         if summary:
@@ -185,8 +234,6 @@ class WandbReport:
     def _thumbnail(self, path: Path) -> Any:
         if not path.is_file():
             return None
-        from PIL import Image
-
         with Image.open(path) as img:
             img = img.convert("RGB")
             img.thumbnail((self.thumbnail, self.thumbnail))

@@ -32,18 +32,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning as L
+import timm
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from genprior.train import ImageItem, failed_row
+from genprior import engine, methods
+from genprior.callbacks import failed_row
+from genprior.datamodules import load_items
+from genprior.device import pick_device
+from genprior.image_io import safe_name
+from genprior.items import ImageItem
+from genprior.metrics import ImageClassifier, WeightsUnavailable, build_classifier, topk_correct
+from genprior.perf import resolve_batch_size
+from genprior.results import atomic_write_text
 
 __all__ = [
     "SETTINGS",
     "AdversarialMismatch",
     "AdversarialStore",
-    "DefenseRunner",
+    "Defense",
+    "FinalImages",
     "PriorPurifier",
     "PurifiedClassifier",
     "attack_with_restarts",
@@ -52,6 +63,7 @@ __all__ = [
     "build_defense_classifier",
     "defense_report",
     "require_torchattacks",
+    "run",
     "write_defense_report",
 ]
 
@@ -63,7 +75,7 @@ PURIFIER_TASKS = {"biggan": "defence", "pggan": "inversion", "dip": "purify"}  #
 
 def require_torchattacks() -> Any:
     try:
-        import torchattacks
+        import torchattacks  # optional: only task=defense needs it (pyproject's "defense" extra)
     except ImportError as err:
         raise ImportError(
             "task=defense needs torchattacks: pip install --no-deps 'torchattacks==3.5.1' "
@@ -80,11 +92,7 @@ def build_defense_classifier(d: DictConfig, device: torch.device | str = "cpu") 
     ``d.classifier_weights="random"`` builds a seeded random-init timm model with
     ``d.num_classes`` outputs: for tests and smoke runs only, its accuracies mean nothing.
     """
-    from genprior.metrics_extra import ImageClassifier, WeightsUnavailable, build_classifier
-
     if str(d.classifier_weights) == "random":
-        import timm
-
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(d.attack_seed))
             model = timm.create_model(str(d.classifier), pretrained=False,
@@ -104,8 +112,6 @@ def build_defense_classifier(d: DictConfig, device: torch.device | str = "cpu") 
 
 def topk_rows(logits: Tensor, labels: Tensor) -> dict[str, list[float]]:
     """Per image 100.0 / 0.0 for top-1 and top-5 (top-k capped at the number of classes)."""
-    from genprior.metrics_extra import topk_correct
-
     k5 = min(5, logits.shape[1])
     hits = topk_correct(logits.detach().float(), labels, (1, k5))
     return {"top1": hits["top1"].tolist(), "top5": hits[f"top{k5}"].tolist()}
@@ -134,18 +140,21 @@ class PriorPurifier:
     (dip.task=jpeg_artifacts) with ``dip.stop_mse``, mGANprior inverts it. ``seed`` replaces the
     run's seed for this fit: it drives the prior's randomness (DGP's latent sampling, DIP's
     init and input noise), which EOT averages over.
+
+    The method is built once; every purification is one ``engine.run`` of the images as one
+    batch, with no files, loggers or progress bar (an adaptive attack purifies hundreds of
+    times, and only the final images are needed).
     """
 
     def __init__(self, cfg: DictConfig) -> None:
-        from genprior.factory import build_runner
-
         pcfg = cfg.copy()
         kind = str(pcfg.prior.kind)
         pcfg.task.name = PURIFIER_TASKS[kind]
         pcfg.dip.task = "jpeg_artifacts"  # DIP: the observation is the image, forward model identity
         pcfg.output.save_G = False
         self.cfg = pcfg
-        self.runner = build_runner(pcfg)
+        self.method = methods.build(pcfg)
+        self.out = Path(pcfg.output.dir)
         self.runs = 0
         self.seconds = 0.0
         stop = {"biggan": f"dgp.stop_mse={pcfg.dgp.stop_mse:g} (reference [-1,1] scale)",
@@ -157,43 +166,53 @@ class PriorPurifier:
         start = time.perf_counter()
         items = [ImageItem(id=str(i), path="", image=(xb.detach().cpu() * 2 - 1), class_id=int(c))
                  for i, xb, c in zip(ids, x, classes)]
-        self.runner.cfg.seed = int(seed)
-        with torch.enable_grad():
-            method = self.runner.prepare(items)
-            module = _fit_quietly(self.cfg, method)
-        if module.failed:
-            raise RuntimeError("purification failed: " + "; ".join(
-                f"{ids[b]}: {why}" for b, why in module.failed.items()))
-        purified = method.display(method.final_output()).to(x.device, x.dtype)
+        self.method.seed = int(seed)
+        final = FinalImages()
+        with torch.enable_grad():  # torchattacks may call the model under no_grad
+            engine.run(self.cfg, self.method, items, self.out, outputs=False, quiet=True,
+                       batch_size=len(items), callbacks=[final])
+        purified, steps = final.of([item.id for item in items])
+        purified = purified.to(x.device, x.dtype)
         if purified.shape != x.shape:
             raise ValueError(f"the purifier returned {tuple(purified.shape)} for images of "
                              f"{tuple(x.shape)}; use a prior of the images' resolution")
         mse = (purified - x.detach()).pow(2).flatten(1).mean(1).tolist()
-        steps = list(method.progress.t)
         self.runs += 1
         self.seconds += time.perf_counter() - start
         return purified, [{"steps": float(s), "mse": float(m)} for s, m in zip(steps, mse)]
 
 
-def _fit_quietly(cfg: DictConfig, method: Any) -> Any:
-    """One Lightning fit of ``method`` with no files, loggers or progress bar: an adaptive
-    attack purifies hundreds of times, and only the final image is needed."""
-    import lightning as L
+class FinalImages(L.Callback):
+    """Keeps what the purifier needs of every fitted batch when it ends: each image's final
+    display image (the method's result in [0, 1]), its steps taken, or why it failed."""
 
-    from genprior.reconstruction import Reconstruction, StepLoader
-    from genprior.train import fit_devices, restore_device
+    def __init__(self) -> None:
+        self.images: dict[str, Tensor] = {}
+        self.steps: dict[str, int] = {}
+        self.errors: dict[str, str] = {}
 
-    module = Reconstruction(method, betas=tuple(method.betas), eps=method.eps)
-    trainer = L.Trainer(
-        accelerator=cfg.trainer.accelerator, devices=fit_devices(cfg),
-        precision=cfg.trainer.precision, max_steps=method.total_steps(), max_epochs=1,
-        logger=False, callbacks=[], enable_checkpointing=False, enable_model_summary=False,
-        enable_progress_bar=False, num_sanity_val_steps=0,
-        deterministic=cfg.trainer.deterministic,
-    )
-    trainer.fit(module, train_dataloaders=StepLoader(method.total_steps()))
-    restore_device(cfg, module)  # Lightning's teardown moved the prior to the CPU
-    return module
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        items = pl_module.items
+        if not items:
+            return
+        if pl_module.aborted is not None:
+            if len(items) == 1:  # a batch of several is fitted again image by image (engine.run)
+                self.errors[items[0].id] = pl_module.aborted
+            return
+        result = pl_module.outputs().result
+        for b, item in enumerate(items):
+            if b in pl_module.failed:
+                self.errors[item.id] = pl_module.failed[b]
+            else:
+                self.images[item.id] = result[b]
+                self.steps[item.id] = int(pl_module.method.progress.t[b])
+
+    def of(self, ids: Sequence[str]) -> tuple[Tensor, list[int]]:
+        """The images ``ids`` in that order ([B, C, H, W]) and their steps; raises if any failed."""
+        errors = {i: self.errors.get(i, "no result") for i in ids if i not in self.images}
+        if errors:
+            raise RuntimeError("purification failed: " + "; ".join(f"{i}: {why}" for i, why in errors.items()))
+        return torch.stack([self.images[i] for i in ids]), [self.steps[i] for i in ids]
 
 
 def build_purifier(cfg: DictConfig) -> Any:
@@ -351,9 +370,7 @@ class AdversarialStore:
         self.root = Path(root)
 
     def path(self, folder: str, image_id: str) -> Path:
-        from genprior.callbacks.outputs import _safe
-
-        return self.root / folder / f"{_safe(image_id)}.pt"
+        return self.root / folder / f"{safe_name(image_id)}.pt"
 
     def load(self, folder: str, image_id: str, meta: dict[str, Any]) -> Tensor | None:
         path = self.path(folder, image_id)
@@ -381,7 +398,7 @@ class AdversarialStore:
         return path
 
 
-# --------------------------------------------------------------------------------- runner
+# --------------------------------------------------------------------------------- the task
 @dataclass
 class _Batch:
     ids: list[str]
@@ -390,13 +407,13 @@ class _Batch:
     classes: list[int]  # the class the purifier reconstructs with (-1: chosen by the prior)
 
 
-class DefenseRunner:
-    """``task=defense``: the same ``run(items, out) -> rows`` as every runner, so evaluate.py
-    shards, resumes and summarises it unchanged. One row per image (module docstring)."""
+class Defense:
+    """What every batch of a ``task=defense`` run shares: the classifier under attack, the
+    purifier, the saved adversarial images (``defense.adversarial_dir``, else
+    ``<out>/adversarial``) and the seeds. The settings are checked here, before any fit."""
 
-    def __init__(self, cfg: DictConfig, purifier: Any = None, classifier: nn.Module | None = None) -> None:
-        from genprior.factory import pick_device
-
+    def __init__(self, cfg: DictConfig, out: Path, purifier: Any = None,
+                 classifier: nn.Module | None = None) -> None:
         require_torchattacks()
         self.cfg = cfg
         self.d = cfg.defense
@@ -418,7 +435,7 @@ class DefenseRunner:
             raise ValueError(f"defense.purifier_class must be select or label, got {self.d.purifier_class!r}")
         self.classifier = classifier if classifier is not None else build_defense_classifier(self.d, self.device)
         self.purifier = purifier if purifier is not None else build_purifier(cfg)
-        root = self.d.adversarial_dir or str(Path(cfg.output.dir) / "adversarial")
+        root = self.d.adversarial_dir or str(Path(out) / "adversarial")
         self.store = AdversarialStore(root)
         self.seed = int(cfg.seed)
         self.eot_seeds = [self.seed + 1 + j for j in range(int(self.d.eot_samples))]
@@ -449,15 +466,11 @@ class DefenseRunner:
         return f"adaptive-{self.cfg.prior.name}-{self._purifier_fingerprint()}/{attack_label(spec)}"
 
     # ---- rows
-    def run(self, items: list[ImageItem], out: Path, **_: Any) -> list[dict[str, Any]]:
+    def rows(self, batch: list[ImageItem]) -> list[dict[str, Any]]:
+        """One row per image of a batch of read images; a batch that raises is scored again
+        image by image, so one bad image never costs the others."""
         rows: list[dict[str, Any]] = []
-        usable = []
-        for item in items:
-            if item.error is not None:
-                rows.append(failed_row(item, item.error))
-            else:
-                usable.append(item)
-        queue = [usable] if usable else []
+        queue = [batch] if batch else []
         while queue:
             batch = queue.pop(0)
             try:
@@ -566,6 +579,43 @@ class DefenseRunner:
 
 def _worst(acc: dict[str, list[float]], kind: str, values: list[float]) -> None:
     acc[kind] = values if kind not in acc else [min(a, v) for a, v in zip(acc[kind], values)]
+
+
+def run(cfg: DictConfig, out: Path, *, items: Sequence[ImageItem] | None = None,
+        on_row: Callable[[dict[str, Any]], None] | None = None,
+        read: Callable[[ImageItem], ImageItem] | None = None,
+        callbacks: Sequence[L.Callback] = (), classifier: nn.Module | None = None,
+        purifier: Any = None) -> list[dict[str, Any]]:
+    """``task=defense``: one row per image (module docstring), ``trainer.batch_size`` images at a
+    time ("auto": CPU_AUTO_BATCH, as the purifier's memory is not probed).
+
+    ``items`` (else the images ``data.*`` names) are read by ``read`` when their batch comes up;
+    ``on_row`` gets every row as soon as it is final. ``classifier`` and ``purifier`` replace the
+    configured ones (tests). ``write_defense_report`` turns the rows into the report.
+    ``callbacks`` (the fit callbacks every task takes: evaluate.py's W&B progress) are not used:
+    the defense has no fit of its own, and its purifications are quiet fits inside the attacks.
+    """
+    defense = Defense(cfg, Path(out), purifier=purifier, classifier=classifier)
+    if items is None:
+        items = load_items(cfg, methods.method_class(str(cfg.prior.kind)))
+    items = list(items)
+    B = resolve_batch_size(cfg.trainer.batch_size, defense.device, len(items))
+    rows: list[dict[str, Any]] = []
+
+    def add(row: dict[str, Any]) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
+    for start in range(0, len(items), B):
+        batch = [read(item) if read is not None and item.image is None and item.error is None else item
+                 for item in items[start : start + B]]
+        for item in batch:
+            if not item.usable:
+                add(failed_row(item, item.error or "the image was not read"))
+        for row in defense.rows([item for item in batch if item.usable]):
+            add(row)
+    return rows
 
 
 # --------------------------------------------------------------------------------- report
@@ -708,9 +758,6 @@ def defense_report(cfg: DictConfig, rows: Sequence[dict[str, Any]], device: str 
 def write_defense_report(cfg: DictConfig, out: Path, rows: Sequence[dict[str, Any]],
                          report: Any = None) -> Path:
     """``<out>/defense_report.md``, printed, and the accuracy table on the W&B run (if any)."""
-    from genprior.factory import pick_device
-    from genprior.results import atomic_write_text
-
     device = str(pick_device(cfg))
     if device == "cuda":
         device = f"cuda ({torch.cuda.get_device_name()})"

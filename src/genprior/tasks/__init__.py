@@ -1,0 +1,33 @@
+"""What a run does with its images: restore them, manipulate them, or defend a classifier.
+
+``run(cfg, out)`` dispatches on ``task.name``: ``defense`` (tasks/defense.py), the DGP
+manipulations (tasks/manipulation.py: jitter, morphing, category transfer), and every other
+task name restores (tasks/restore.py). The tasks sit on top of the engine and the methods;
+only the command-line entry points import them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from genprior.device import pick_device
+from genprior.perf import perf_settings, tune_cpu_malloc
+from genprior.tasks import defense, manipulation, restore
+
+__all__ = ["defense", "manipulation", "restore", "run"]
+
+
+def run(cfg: Any, out: Path, **kwargs: Any) -> list[dict[str, Any]]:
+    """The rows of the task ``cfg`` asks for, one per image (per pair for morphing).
+
+    ``kwargs`` go to the task's ``run`` (every task takes ``items``, ``on_row`` and ``read``:
+    evaluate.py's shards, durable rows and lazy reading)."""
+    if pick_device(cfg).type == "cpu" and perf_settings(cfg).cpu_malloc_tuning:
+        tune_cpu_malloc()
+    task = str(cfg.task.name)
+    if task == "defense":
+        return defense.run(cfg, out, **kwargs)
+    if task in manipulation.MANIPULATION_TASKS:
+        return manipulation.run(cfg, out, **kwargs)
+    return restore.run(cfg, out, **kwargs)

@@ -24,7 +24,7 @@ from typing import Any, Literal
 from genprior.image_io import IMAGE_EXTENSIONS
 from genprior.items import ImageItem
 
-from .records import DataSourceError, ImageRecordDataModule, examples
+from .records import DataSourceError, ImageRecordDataModule, examples, text_lines
 
 __all__ = ["LIST_SUFFIXES", "ImageFolderDataModule", "read_list_file"]
 
@@ -47,7 +47,7 @@ def read_list_file(
     path = Path(path)
     base = Path(root) if root is not None else path.parent
     items: list[ImageItem] = []
-    for lineno, raw in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, raw in enumerate(text_lines(path), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue

@@ -45,6 +45,7 @@ from .records import (
     DataSourceError,
     ImageRecordDataModule,
     examples,
+    text_lines,
 )
 
 __all__ = [
@@ -73,7 +74,7 @@ def imagenet_wnids() -> tuple[str, ...]:
         / "_info"
         / "imagenet_synsets.txt"
     )
-    wnids = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    wnids = tuple(line.strip() for line in text_lines(path) if line.strip())
     # The standard index *is* the sorted order; refuse a file that breaks that assumption.
     if len(wnids) != 1000 or list(wnids) != sorted(set(wnids)):
         raise RuntimeError(f"{path} is not the sorted list of 1000 ImageNet WNIDs")
@@ -142,7 +143,7 @@ def read_imagenet_labels(
         raise FileNotFoundError(f"label file {path} does not exist")
     if path.suffix.lower() == ".csv":
         return _read_loc_csv(path)
-    first = next((line.split() for line in path.read_text().splitlines() if line.strip()), [])
+    first = next((line.split() for line in text_lines(path) if line.strip()), [])
     if len(first) == 1 and first[0].isdigit():
         return _read_devkit(path, devkit_meta)
     return _read_list_file(path)
@@ -152,7 +153,7 @@ def _read_list_file(path: Path) -> ImageNetLabels:
     classes: dict[str, int] = {}
     order: list[str] = []
     paths: dict[str, str] = {}
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(text_lines(path), start=1):
         fields = line.split()
         if not fields or fields[0].startswith("#"):
             continue
@@ -188,7 +189,7 @@ def _read_devkit(path: Path, devkit_meta: str | os.PathLike[str] | None) -> Imag
     devkit_to_wnid = read_devkit_meta(meta)
     index = _wnid_index()
     classes: dict[str, int] = {}
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(text_lines(path), start=1):
         text = line.strip()
         if not text:
             continue

@@ -34,6 +34,7 @@ from lightning.pytorch import LightningDataModule
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from genprior.errors import UserError
 from genprior.image_io import (
     AlphaPolicy,
     ImageLoadError,
@@ -54,6 +55,7 @@ __all__ = [
     "collate_records",
     "examples",
     "select_shard",
+    "text_lines",
 ]
 
 T = TypeVar("T")
@@ -63,9 +65,24 @@ T = TypeVar("T")
 DGP_IMAGENET_1K_LIST: Path = Path(__file__).with_name("imagenet_val_1k.txt")
 
 
-class DataSourceError(ValueError):
+class DataSourceError(ValueError, UserError):
     """A data source that cannot be used as a whole: a label file that does not match the
     images, an id list naming absent images, a subset larger than the data, ..."""
+
+
+def text_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file (a list file, an id list); a line that is not UTF-8 is a
+    DataSourceError naming the file and the line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        lineno = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataSourceError(
+            f"{path} line {lineno} is not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
+            f"{column}): save the file as UTF-8, or fix or remove that line"
+        ) from None
 
 
 def examples(values: Iterable[Any], k: int = 5) -> str:
@@ -144,7 +161,7 @@ class SubsetSpec:
             raise FileNotFoundError(f"subset id file {path} does not exist")
         ids: list[str] = []
         classes: dict[str, int] = {}
-        for line in path.read_text().splitlines():
+        for line in text_lines(path):
             fields = line.split()
             if not fields or fields[0].startswith("#"):
                 continue

@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import BooleanNode, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 # Each method's config dataclass is its settings (docs/architecture.md); the schema reuses them,
 # and the speed options live with their implementation (docs/performance.md).
+from genprior.errors import UserError
 from genprior.methods.dgp import DGPConfig
 from genprior.methods.dip import DIPConfig
 from genprior.methods.mganprior import MGANConfig
@@ -44,7 +45,7 @@ DEFAULT_PRESETS = {"prior": "dip_skip", "task": "dip_denoising_quick"}
 IGNORED_PREFIXES = ("_wandb",)
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, UserError):
     """A configuration the user asked for cannot be built; the message says how to fix it."""
 
 
@@ -403,6 +404,7 @@ def _suggest(word: str, options: Sequence[str]) -> str:
 
 
 def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
+    _check_bools(base, OmegaConf.to_container(other, resolve=False), "", source)
     try:
         return OmegaConf.merge(base, other)  # type: ignore[return-value]
     except ConfigKeyError as err:
@@ -418,6 +420,30 @@ def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
             f"wrong type for config key {key!r} in {source}: {err.msg.splitlines()[0]}"
             + (f" (expected {expected})" if expected else "")
         ) from None
+
+
+def _check_bools(base: Any, values: Any, prefix: str, source: str) -> None:
+    """OmegaConf reads every integer as a bool (``dgp.update_embed=2`` is true): a bool key (or
+    list of bools) given an integer other than 0 or 1 is refused."""
+    if not isinstance(base, DictConfig) or not isinstance(values, dict):
+        return
+    for key, value in values.items():
+        if not isinstance(key, str) or key not in base:
+            continue
+        node = base._get_node(key)
+        if isinstance(node, DictConfig):
+            _check_bools(node, value, f"{prefix}{key}.", source)
+            continue
+        is_bool = isinstance(node, BooleanNode) or (
+            isinstance(node, ListConfig) and node._metadata.element_type is bool)
+        items = value if isinstance(value, list) else [value]
+        bad = [v for v in items if isinstance(v, int) and not isinstance(v, bool) and v not in (0, 1)]
+        if is_bool and bad:
+            raise ConfigError(
+                f"config key {prefix}{key!s} in {source} is "
+                f"{'a list of bools' if isinstance(node, ListConfig) else 'a bool'}, got {value!r}: "
+                f"use true or false (or 1 or 0)"
+            )
 
 
 def _error_key(err: OmegaConfBaseException) -> str:

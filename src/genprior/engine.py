@@ -258,11 +258,13 @@ class Reconstruction(L.LightningModule):
         """A NaN/inf loss stops that image (recorded as failed); the others carry on."""
         if not self.records:
             return
-        totals = torch.stack([r.total for r in self.records[-self.nan_check_every:]]).cpu()
-        bad = ~torch.isfinite(totals).all(0)
-        for b in torch.nonzero(bad).flatten().tolist():
+        window = self.records[-self.nan_check_every:]
+        finite = torch.isfinite(torch.stack([r.total for r in window]).cpu())  # [steps, B]
+        first_step = len(self.records) - len(window) + 1  # the window's first step, from 1
+        for b in torch.nonzero(~finite.all(0)).flatten().tolist():
             if b not in self.failed:
-                self.failed[b] = f"non-finite loss (NaN or inf) at or before step {len(self.records)}"
+                step = first_step + int(torch.nonzero(~finite[:, b])[0])
+                self.failed[b] = f"non-finite loss (NaN or inf) at step {step}"
                 self.method.progress.done[b] = True
 
     def on_train_epoch_end(self) -> None:

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from genprior.weights import read_state_dict
+from genprior.errors import MissingFileError
+from genprior.weights import WeightsFileError, read_state_dict
 
 # Indices of the ReLU outputs in VGG-16's ``features`` (torchvision and timm share the layout):
 # relu1_2, relu2_2, relu3_3, relu4_3. conv4_3 (index 21) is mGANprior's layer.
@@ -75,10 +76,10 @@ def load_vgg16_features(weights: str | Path | None, upto: int) -> nn.Sequential:
     import timm  # heavy import, needed only when a VGG-16 loss is built
 
     if weights is None:
-        raise FileNotFoundError("no VGG-16 weights given. " + VGG_WEIGHTS_HELP)
+        raise MissingFileError("no VGG-16 weights given. " + VGG_WEIGHTS_HELP)
     path = Path(weights)
     if not path.is_file():
-        raise FileNotFoundError(f"VGG-16 weights file {path} does not exist. " + VGG_WEIGHTS_HELP)
+        raise MissingFileError(f"VGG-16 weights file {path} does not exist. " + VGG_WEIGHTS_HELP)
     model = timm.create_model("vgg16", pretrained=False)
     state = read_state_dict(path, "VGG-16 weights (perceptual loss)")
     feats = {k: v for k, v in state.items() if k.startswith("features.")}
@@ -86,7 +87,8 @@ def load_vgg16_features(weights: str | Path | None, upto: int) -> nn.Sequential:
     wanted = {f"features.{k}" for k in own}
     missing = sorted(wanted - set(feats))
     if missing:
-        raise ValueError(f"{path} is not a VGG-16 checkpoint: missing {missing[:4]} ...")
+        raise WeightsFileError(f"VGG-16 weights (perceptual loss) {path} is not a VGG-16 checkpoint: "
+                               f"missing {missing[:4]} ...")
     model.features.load_state_dict({k[len("features."):]: v for k, v in feats.items()})
     layers = nn.Sequential(*list(model.features.children())[: upto + 1]).eval()
     for p in layers.parameters():

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 import genprior
+from genprior.errors import UserError
 from genprior.priors import registry
 from genprior.priors.checkpoints import find_biggan_files
 
@@ -71,7 +72,7 @@ ARCH_KEYS = ("kind", "resolution", "G_ch", "dim_z", "shared_dim", "n_classes")
 _WRITERS = "train.py with output.save_G=true, or task=jitter / morphing / category_transfer"
 
 
-class SavedReconstructionError(ValueError):
+class SavedReconstructionError(ValueError, UserError):
     """A saved reconstruction that is missing, unreadable, or made for another prior."""
 
 

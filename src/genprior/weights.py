@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from genprior.errors import UserError
+
 __all__ = ["WeightsFileError", "is_state_dict", "read_state_dict"]
 
 DEFAULT_NESTED_KEYS = ("state_dict", "model")
@@ -29,7 +31,7 @@ _MAX_LISTED = 8
 _MAX_DETAIL = 200
 
 
-class WeightsFileError(ValueError):
+class WeightsFileError(ValueError, UserError):
     """A weights file is missing, unreadable, not a state dict, or does not fit its model."""
 
 
@@ -79,9 +81,10 @@ def _read_torch(path: Path, what: str, map_location: Any) -> Any:
         if code:
             raise WeightsFileError(
                 f"{what} {path} refused: the file contains pickled code, which genprior never "
-                f"executes (it reads weights with torch.load(weights_only=True), and the file "
-                f"needs the Python object {code.group(1)}). Save the tensors alone, e.g. "
-                f"torch.save(model.state_dict(), path) or safetensors.torch.save_file"
+                f"executes from an untrusted file (it reads weights with "
+                f"torch.load(weights_only=True), and the file needs the Python object "
+                f"{code.group(1)}). Accepted: a dict of tensors only, saved with "
+                f"torch.save(model.state_dict(), path), or a .safetensors file"
             ) from err
         raise WeightsFileError(
             f"cannot read {what} {path}: it is corrupt, truncated or not a torch or "

@@ -37,7 +37,7 @@ from lightning.fabric.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from genprior import tasks
+from genprior import errors, tasks
 from genprior.callbacks import WandbReport
 from genprior.config import ConfigError, compose_or_exit, to_yaml
 from genprior.datamodules import (
@@ -50,7 +50,7 @@ from genprior.datamodules import (
 )
 from genprior.image_io import safe_name
 from genprior.items import ImageItem
-from genprior.methods import method_class
+from genprior.methods import Method, method_class
 from genprior.results import (
     ResultsWriter,
     atomic_write_text,
@@ -99,7 +99,12 @@ def run_evaluate(argv: Sequence[str]) -> int:
               "command line; run evaluate.py (or genprior-evaluate, torchrun, srun) from the "
               "shell, or use trainer.strategy=ddp_spawn", file=sys.stderr)
         return 2
-    return int(fabric.launch(evaluate_rank, cfg) or 0)
+    try:
+        return int(fabric.launch(evaluate_rank, cfg) or 0)
+    except errors.UserError as err:  # one line, no traceback (genprior.errors)
+        if errors.debug_enabled():
+            raise
+        return errors.report("evaluate.py", err)
 
 
 def make_fabric(cfg: DictConfig) -> Fabric:
@@ -149,11 +154,14 @@ def evaluate_rank(fabric: Fabric, cfg: DictConfig) -> int:
     print(f"genprior evaluate [rank {rank}/{world}]: {len(subset)} image(s) in the subset, "
           f"{len(finished)} finished before, {len(todo)} to do, {len(shard)} on this rank "
           f"({fabric.device})", flush=True)
+    # the method (prior, VGG-16, ...) is built before the W&B run starts: a missing file ends
+    # the run with its one-line error before anything is logged
+    method = tasks.build_method(cfg) if shard else None
     report = WandbReport(cfg, out, results_dir, set(subset_ids(subset)))
     report.start(total=len(subset))
     if shard:
         fit_shard(cfg, source, shard, out, results_dir, rank, world, float(state["run_started_at"]),
-                  report)
+                  report, method)
 
     # 5. merge and summarise on rank 0 once every rank is done
     fabric.barrier()
@@ -307,7 +315,7 @@ def prepare_results(cfg: DictConfig, out: Path, results_dir: Path, ids: list[str
 
 def fit_shard(cfg: DictConfig, source: ImageRecordDataModule | None, shard: list[ImageItem],
               out: Path, results_dir: Path, rank: int, world: int, run_started_at: float,
-              report: WandbReport) -> None:
+              report: WandbReport, method: Method | None = None) -> None:
     """Fit this rank's images in one ``Trainer.fit``, B at a time (``trainer.batch_size``, "auto"
     resolved once for the shard); one durable row per image in ``results/rank<r>.jsonl`` as
     soon as it is done."""
@@ -343,7 +351,9 @@ def fit_shard(cfg: DictConfig, source: ImageRecordDataModule | None, shard: list
                   f"{_brief(row)}", flush=True)
 
         # the W&B report follows the fit batch by batch (only a report that is on needs to)
-        reporting = {"callbacks": [report]} if report.enabled else {}
+        reporting: dict[str, Any] = {"callbacks": [report]} if report.enabled else {}
+        if method is not None:
+            reporting["method"] = method
         tasks.run(fit_cfg, out, items=shard, on_row=on_row, read=read, **reporting)
     report.progress(results_dir, report.subset)
 

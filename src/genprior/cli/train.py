@@ -15,10 +15,10 @@ from typing import Any
 
 import lightning as L
 
-from genprior import tasks
+from genprior import errors, tasks
 from genprior.config import compose_or_exit, to_yaml
 
-__all__ = ["run_train", "train_main"]
+__all__ = ["run_train", "train", "train_main"]
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
@@ -26,9 +26,20 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_train(argv: Sequence[str]) -> int:
+    """Exit code 0 when an image was fitted, 1 when every image failed, 2 for a user error
+    (one line on stderr, no traceback unless GENPRIOR_DEBUG=1; genprior.errors)."""
     cfg = compose_or_exit(argv, "train.py")
     if cfg is None:
         return 0
+    try:
+        return train(cfg)
+    except errors.UserError as err:
+        if errors.debug_enabled():
+            raise
+        return errors.report("train.py", err)
+
+
+def train(cfg: Any) -> int:
     out = Path(cfg.output.dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))

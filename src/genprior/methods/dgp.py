@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from genprior.degradations import Degradation, build_degradation
+from genprior.errors import InvalidSettingError
 from genprior.items import ImageBatch, StepRecord, image_generator
 from genprior.losses import PerceptualLoss, feature_l1_terms, l1_per_image, mse_per_image
 from genprior.methods.base import Method, Progress
@@ -526,8 +527,11 @@ class DGP(Method):
         degradation and metric convention, the perceptual network when a stage uses it."""
         task = str(cfg.task.name)
         if task not in DGP_TASKS:
-            raise ValueError(f"task.name={task!r} is not a DGP task (prior {cfg.prior.name} is a BigGAN); "
-                             f"valid: {', '.join(sorted(DGP_TASKS))}")
+            raise InvalidSettingError(
+                f"prior={cfg.prior.name} (a BigGAN, fitted with DGP) cannot run task.name={task!r}; "
+                f"it supports the tasks {', '.join(sorted(DGP_TASKS))}: pick one with a task preset, "
+                f"e.g. task=colorization, task=inpainting, task=sr4 or task=reconstruct "
+                f"(presets in configs/task/, list them with --help)")
         deg_name, metric_task = DGP_TASKS[task]
         params: dict[str, Any] = {}
         if deg_name == "sr":

@@ -61,6 +61,7 @@ from genprior.degradations import (
     Masking,
     RandomPixelMask,
 )
+from genprior.errors import MissingFileError
 from genprior.items import ImageBatch, StepRecord, image_generator
 from genprior.losses import IMAGENET_MEAN, IMAGENET_STD, VGG16_LAYERS, load_vgg16_features
 from genprior.methods.base import Method, Progress
@@ -440,7 +441,7 @@ class VGGFeatureLoss(nn.Module):
             raise ValueError(f"unknown VGG-16 layer {layer!r}; valid: {sorted(VGG16_LAYERS)}")
         if weights is None or not Path(weights).is_file():
             what = "no VGG-16 weights given" if weights is None else f"VGG-16 weights file {weights} does not exist"
-            raise FileNotFoundError(f"{what}. {VGG_WEIGHTS_HELP}")
+            raise MissingFileError(f"{what}. {VGG_WEIGHTS_HELP}")
         return cls(load_vgg16_features(weights, VGG16_LAYERS[layer]), **kwargs)
 
     def normalization(self, like: Tensor) -> tuple[Tensor, Tensor]:

@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from genprior.errors import UserError
+
 __all__ = [
     "ScoredMetric",
     "WeightsUnavailable",
@@ -31,7 +33,7 @@ __all__ = [
 ]
 
 
-class WeightsUnavailable(FileNotFoundError):
+class WeightsUnavailable(FileNotFoundError, UserError):
     """A metric's weights or model file is missing; the message says where to get it."""
 
 

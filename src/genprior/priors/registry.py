@@ -29,6 +29,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from genprior.errors import UserError
 from genprior.priors.biggan import Discriminator, Generator, orthogonal_init_
 from genprior.priors.checkpoints import (
     DGP_RELEASE,
@@ -68,7 +69,7 @@ __all__ = [
 KINDS = ("biggan", "pggan", "dip")
 
 
-class UnknownPriorError(ValueError):
+class UnknownPriorError(ValueError, UserError):
     """A prior name that is not in the registry (or not of the kind asked for)."""
 
 
@@ -362,7 +363,8 @@ def load_biggan(
     if g_path is None or (need_D and d_path is None):
         if weights_dir is None or not files:
             raise CheckpointError(
-                f"no checkpoint files for {label}: pass g_path/d_path"
+                f"no checkpoint files for {label}: set prior.G_path and prior.D_path to "
+                f"state dict files (or use prior.weights=random)"
                 + (
                     f", or set {WEIGHTS_DIR_KEY} to the directory holding the files published by "
                     f"https://{DGP_RELEASE}"

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from genprior.device import pick_device
+from genprior.methods import Method, method_class
 from genprior.perf import perf_settings, tune_cpu_malloc
 from genprior.tasks import defense, manipulation, restore
 
-__all__ = ["defense", "manipulation", "restore", "run"]
+__all__ = ["build_method", "defense", "manipulation", "restore", "run"]
 
 
 def run(cfg: Any, out: Path, **kwargs: Any) -> list[dict[str, Any]]:
@@ -31,3 +32,13 @@ def run(cfg: Any, out: Path, **kwargs: Any) -> list[dict[str, Any]]:
     if task in manipulation.MANIPULATION_TASKS:
         return manipulation.run(cfg, out, **kwargs)
     return restore.run(cfg, out, **kwargs)
+
+
+def build_method(cfg: Any) -> Method | None:
+    """The method a restoration task fits with (``run(cfg, out, method=...)`` takes it), built
+    before anything is logged so that a missing file or a wrong setting stops the run first;
+    None for the tasks that build their own (defense, manipulation)."""
+    task = str(cfg.task.name)
+    if task == "defense" or task in manipulation.MANIPULATION_TASKS:
+        return None
+    return method_class(str(cfg.prior.kind)).from_config(cfg)

@@ -61,7 +61,7 @@ from genprior.priors.dip_nets import (
     StackedNets,
     get_noise,
     skip,
-    skip_output_size,
+    skip_output_size_for,
     to_dtype,
     tv_loss,
 )
@@ -882,18 +882,9 @@ def check_input_size(height: int, width: int, settings: DIPConfig) -> None:
         f"{settings.crop_multiple})"
     )
     kwargs = settings.skip_kwargs(1, 1)
-    names = (
-        "num_channels_skip",
-        "filter_size_down",
-        "filter_size_up",
-        "filter_skip_size",
-        "pad",
-        "downsample_mode",
-        "need1x1_up",
-    )
 
     def output_size(h: int, w: int) -> tuple[int, int]:
-        return skip_output_size(h, w, *(kwargs[name] for name in names))
+        return skip_output_size_for(h, w, kwargs)
 
     try:
         out = output_size(height, width)

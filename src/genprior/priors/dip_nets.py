@@ -45,6 +45,7 @@ __all__ = [
     "get_noise",
     "skip",
     "skip_output_size",
+    "skip_output_size_for",
     "to_dtype",
     "tv_loss",
 ]
@@ -447,6 +448,16 @@ def to_dtype(net: nn.Module, dtype: torch.dtype) -> nn.Module:
         if isinstance(module, Downsampler):
             module.write_kernel_()
     return net
+
+
+# The ``skip`` kwargs that decide its output size (skip_output_size's parameters).
+SKIP_SIZE_KEYS = ("num_channels_skip", "filter_size_down", "filter_size_up", "filter_skip_size", "pad",
+                  "downsample_mode", "need1x1_up")
+
+
+def skip_output_size_for(height: int, width: int, kwargs: Mapping[str, Any]) -> tuple[int, int]:
+    """:func:`skip_output_size` of the network ``skip(**kwargs)`` builds (other kwargs ignored)."""
+    return skip_output_size(height, width, **{k: kwargs[k] for k in SKIP_SIZE_KEYS if k in kwargs})
 
 
 def skip_output_size(

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from genprior.device import pick_device
-from genprior.methods import Method, method_class
+from genprior.methods import Method, build
 from genprior.perf import perf_settings, tune_cpu_malloc
 from genprior.tasks import defense, manipulation, restore
 
@@ -41,4 +41,4 @@ def build_method(cfg: Any) -> Method | None:
     task = str(cfg.task.name)
     if task == "defense" or task in manipulation.MANIPULATION_TASKS:
         return None
-    return method_class(str(cfg.prior.kind)).from_config(cfg)
+    return build(cfg)

@@ -16,7 +16,7 @@ import lightning as L
 from genprior import engine
 from genprior.datamodules import load_items
 from genprior.items import ImageItem
-from genprior.methods import Method, method_class
+from genprior.methods import Method, build, method_class
 from genprior.metrics import build_metrics
 
 __all__ = ["extra_metrics", "run"]
@@ -37,6 +37,6 @@ def run(cfg: Any, out: Path, *, items: Sequence[ImageItem] | None = None, method
     if items is None:
         items = load_items(cfg, method if method is not None else method_class(str(cfg.prior.kind)))
     if method is None:
-        method = method_class(str(cfg.prior.kind)).from_config(cfg)
+        method = build(cfg)
     return engine.run(cfg, method, items, out, read=read, loggers=loggers, callbacks=callbacks,
                       extra_metrics=extra_metrics(cfg), on_row=on_row)

@@ -4,7 +4,8 @@ The engine (genprior.engine) builds them in this order, because later ones read 
 ones made: ``StageSnapshots`` collects frames, ``LossLogger`` logs, ``ImageFiles`` and
 ``LossFiles`` write each image's files, ``ExtraMetrics`` scores ``metrics.extra``,
 ``SaveReconstructions`` writes ``reconstruction.pt``, and ``ResultRows`` builds the rows.
-``StageProgressBar`` is the progress bar and ``WandbReport`` evaluate.py's W&B report.
+``StageProgressBar`` is the progress bar and ``WandbReport`` the W&B report of train.py (last,
+after the rows) and of evaluate.py.
 """
 
 from .files import ImageFiles, LossFiles, loss_rows
@@ -14,7 +15,7 @@ from .progress import StageProgressBar
 from .rows import ResultRows, failed_row
 from .saved import SaveReconstructions
 from .snapshots import StageSnapshots
-from .wandb import WandbReport, make_wandb_logger, resolve_mode
+from .wandb import WandbReport, make_wandb_logger, resolve_mode, wandb_init_args
 
 __all__ = [
     "ExtraMetrics",
@@ -30,4 +31,5 @@ __all__ = [
     "loss_rows",
     "make_wandb_logger",
     "resolve_mode",
+    "wandb_init_args",
 ]

@@ -7,6 +7,7 @@ ended early, ...), the steps taken and the seconds per image. With ``out_dir`` t
 its path and seconds) is also written as ``<out_dir>/<id>/metrics.json``. Unusable images (never read)
 and images of a batch that raised get a failed row; a batch of several images that raised is
 first fitted again image by image (``requeue``), so the error lands on the image that caused it.
+A run ended by SIGTERM / SIGINT gives the images in flight a row with status ``interrupted``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 import lightning as L
 
+from genprior.errors import Interrupted, output_error
 from genprior.image_io import safe_name
 from genprior.items import ImageItem
 
@@ -43,6 +45,17 @@ class ResultRows(L.Callback):
         self.rows.append(row)
         if self.on_row is not None:
             self.on_row(row)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:
+        """A run ended by SIGTERM / SIGINT (genprior.errors.Interrupted, raised by train.py's
+        signal handler): every image of the batch in flight gets a row with status
+        "interrupted", so the results say what became of it."""
+        if not isinstance(exception, Interrupted):
+            return
+        done = {row["id"] for row in self.rows}
+        for item in getattr(pl_module, "items", []):
+            if item.id not in done:
+                self.add({**failed_row(item, str(exception)), "status": "interrupted"})
 
     def unusable(self, item: ImageItem) -> None:
         print(f"genprior: skipping {item.path}: {item.error}")
@@ -78,6 +91,9 @@ class ResultRows(L.Callback):
             if self.out_dir is not None:
                 folder = self.out_dir / safe_name(item.id)
                 folder.mkdir(parents=True, exist_ok=True)
-                (folder / "metrics.json").write_text(json.dumps(row, indent=2, default=str))
+                try:
+                    (folder / "metrics.json").write_text(json.dumps(row, indent=2, default=str))
+                except OSError as err:  # a full disk, a read-only folder: one line (train.py)
+                    raise output_error(err, folder / "metrics.json") or err from None
             row.update({"path": item.path, "seconds": seconds})
             self.add(row)

@@ -3,7 +3,8 @@
 The reference's progress sheet (the observation, then x at i = 0 and every print_interval
 iterations), x at the end of every stage, and with ``save_interval`` (the reference's per-stage
 list) x at i = 0 and every save_interval[s] iterations of stage s, written at once as
-``<out>/<id>/steps/s<stage>_i<iteration>.png``. Other callbacks (ImageFiles) read the frames.
+``<out>/<id>/steps/s<stage>_i<iteration>.png``. Other callbacks (ImageFiles) read the frames;
+``stage_labels`` says what each stage frame is ("observation", "stage 2 (it 200)").
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class StageSnapshots(L.Callback):
         self.out_dir = out_dir
         self.progress_frames: dict[int, list[Tensor]] = {}
         self.stage_frames: dict[int, list[Tensor]] = {}
+        self.stage_labels: dict[int, list[str]] = {}
         self._position: list[tuple[int, int]] = []
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
@@ -36,6 +38,7 @@ class StageSnapshots(L.Callback):
             obs = method.observation_for_display()
             self.progress_frames = {b: [obs[b].cpu()] for b in range(method.batch_size)}
             self.stage_frames = {b: [obs[b].cpu()] for b in range(method.batch_size)}
+            self.stage_labels = {b: ["observation"] for b in range(method.batch_size)}
         progress = method.progress
         self._position = list(zip(progress.stage, progress.iteration))  # of the step about to run
 
@@ -55,6 +58,8 @@ class StageSnapshots(L.Callback):
                 self.progress_frames[b].append(x[b].cpu())
             if pl_module.last_stage_ended[b]:
                 self.stage_frames[b].append(x[b].cpu())
+                # the stage's last iteration: fewer than its length when it stopped early
+                self.stage_labels[b].append(f"stage {stage + 1} (it {i + 1})")
             if self.save_interval and self.out_dir is not None and stage < len(self.save_interval):
                 every = self.save_interval[stage]
                 if i == 0 or (every > 0 and i % every == 0):

@@ -13,13 +13,22 @@ from .imagenet import (
     read_devkit_meta,
     read_imagenet_labels,
 )
-from .load import load_items, sample_item
+from .load import (
+    DATA_ORIGINS,
+    build_datamodule,
+    image_reader,
+    list_images,
+    load_items,
+    sample_item,
+    where_from,
+)
 from .lsun import LMDBImageDataset, LSUNDataModule, open_lmdb
 from .records import (
     DGP_IMAGENET_1K_LIST,
     DataSourceError,
     ImageRecordDataModule,
     ImageRecordDataset,
+    MissingDataError,
     SubsetSpec,
     apply_subset,
     collate_records,
@@ -27,6 +36,7 @@ from .records import (
 )
 
 __all__ = [
+    "DATA_ORIGINS",
     "DGP_IMAGENET_1K_LIST",
     "DataSourceError",
     "ImageFolderDataModule",
@@ -36,10 +46,14 @@ __all__ = [
     "ImageRecordDataset",
     "LMDBImageDataset",
     "LSUNDataModule",
+    "MissingDataError",
     "SubsetSpec",
     "apply_subset",
+    "build_datamodule",
     "collate_records",
+    "image_reader",
     "imagenet_wnids",
+    "list_images",
     "load_items",
     "open_lmdb",
     "read_devkit_meta",
@@ -47,4 +61,5 @@ __all__ = [
     "read_list_file",
     "sample_item",
     "select_shard",
+    "where_from",
 ]

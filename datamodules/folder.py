@@ -24,7 +24,7 @@ from typing import Any, Literal
 from genprior.image_io import IMAGE_EXTENSIONS
 from genprior.items import ImageItem
 
-from .records import DataSourceError, ImageRecordDataModule, examples, text_lines
+from .records import DataSourceError, ImageRecordDataModule, MissingDataError, examples, text_lines
 
 __all__ = ["LIST_SUFFIXES", "ImageFolderDataModule", "read_list_file"]
 
@@ -120,13 +120,14 @@ class ImageFolderDataModule(ImageRecordDataModule):
 
     def list_items(self) -> list[ImageItem]:
         if not self.path.exists():
-            raise FileNotFoundError(f"image source {self.path} does not exist")
+            what = "list file" if self.resolved_kind() == "list" else "image source"
+            raise MissingDataError(f"{what} {self.path} does not exist")
         kind = self.resolved_kind()
         if kind == "image":
             items = [ImageItem(self.path.stem, str(self.path), self.default_class)]
         elif kind == "list":
             if self.root is not None and not Path(self.root).is_dir():
-                raise FileNotFoundError(f"list root {self.root} does not exist")
+                raise MissingDataError(f"list root {self.root} (data.root) does not exist")
             items = read_list_file(self.path, self.root, self.default_class)
             if not items:
                 raise DataSourceError(f"list file {self.path} names no images")

@@ -44,6 +44,7 @@ from .records import (
     DGP_IMAGENET_1K_LIST,
     DataSourceError,
     ImageRecordDataModule,
+    MissingDataError,
     examples,
     text_lines,
 )
@@ -138,9 +139,9 @@ def read_imagenet_labels(
         for candidate in (path / "data" / DEVKIT_GT_NAME, path / DEVKIT_GT_NAME):
             if candidate.is_file():
                 return _read_devkit(candidate, devkit_meta)
-        raise FileNotFoundError(f"label folder {path} holds no data/{DEVKIT_GT_NAME}")
+        raise MissingDataError(f"label folder {path} holds no data/{DEVKIT_GT_NAME}")
     if not path.is_file():
-        raise FileNotFoundError(f"label file {path} does not exist")
+        raise MissingDataError(f"label file {path} does not exist")
     if path.suffix.lower() == ".csv":
         return _read_loc_csv(path)
     first = next((line.split() for line in text_lines(path) if line.strip()), [])
@@ -266,10 +267,11 @@ class ImageNetValDataModule(ImageRecordDataModule):
         self.root = Path(root)
         self.labels = labels
         self.devkit_meta = devkit_meta
+        self._list_source: str | None = None  # the list file that named the images, if one did
 
     def list_items(self) -> list[ImageItem]:
         if not self.root.is_dir():
-            raise FileNotFoundError(f"ImageNet val folder {self.root} does not exist")
+            raise MissingDataError(f"ImageNet val folder {self.root} does not exist")
         if self.labels is None:
             return self._list_unlabeled()
         table = read_imagenet_labels(self.labels, self.devkit_meta)
@@ -316,17 +318,20 @@ class ImageNetValDataModule(ImageRecordDataModule):
 
     def _list_from_list_file(self, table: ImageNetLabels) -> list[ImageItem]:
         assert table.order is not None
-        items = []
-        missing = []
-        for image_id in table.order:
-            # The reference joins root_dir + '/' + the list's path (data/dgp/README.md).
-            path = self.root / table.paths[image_id]
-            if not path.is_file():
-                missing.append(table.paths[image_id])
-            items.append(ImageItem(image_id, str(path), table.classes[image_id]))
+        # The reference joins root_dir + '/' + the list's path (data/dgp/README.md). The files
+        # are checked after the subset (check_items): a partial copy serves a subset of it.
+        self._list_source = table.source
+        return [ImageItem(i, str(self.root / table.paths[i]), table.classes[i]) for i in table.order]
+
+    def check_items(self, items: list[ImageItem]) -> None:
+        """Every image a list file names (of those the subset chose) must be in ``root``."""
+        if self._list_source is None:
+            return  # listed from the folder itself: every item is a file found there
+        # named as the list writes them (relative to root)
+        missing = [os.path.relpath(item.path, self.root) for item in items
+                   if not Path(item.path).is_file()]
         if missing:
             raise DataSourceError(
-                f"{len(missing)} of the {len(items)} images named by {table.source} are not in "
-                f"{self.root}: {examples(missing)}"
+                f"{len(missing)} of the {len(items)} images named by {self._list_source} (those "
+                f"the subset chose) are not in {self.root}: {examples(missing)}"
             )
-        return items

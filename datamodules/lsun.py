@@ -33,6 +33,7 @@ from .records import (
     DataSourceError,
     ImageRecordDataModule,
     ImageRecordDataset,
+    MissingDataError,
     examples,
 )
 
@@ -51,10 +52,10 @@ def open_lmdb(path: str | os.PathLike[str]) -> Any:
     folder or its data.mdb. The handle stays open for the life of the process."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"LMDB {path} does not exist")
+        raise MissingDataError(f"LMDB {path} does not exist")
     subdir = path.is_dir()
     if subdir and not (path / "data.mdb").is_file():
-        raise FileNotFoundError(f"{path} is a folder without data.mdb, not an LMDB export")
+        raise MissingDataError(f"{path} is a folder without data.mdb, not an LMDB export")
     data_file = (path / "data.mdb" if subdir else path).resolve()
     cache_key = (os.getpid(), str(data_file))
     env = _OPEN_ENVS.get(cache_key)

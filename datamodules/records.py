@@ -50,6 +50,7 @@ __all__ = [
     "DataSourceError",
     "ImageRecordDataModule",
     "ImageRecordDataset",
+    "MissingDataError",
     "SubsetSpec",
     "apply_subset",
     "collate_records",
@@ -68,6 +69,12 @@ DGP_IMAGENET_1K_LIST: Path = Path(__file__).with_name("imagenet_val_1k.txt")
 class DataSourceError(ValueError, UserError):
     """A data source that cannot be used as a whole: a label file that does not match the
     images, an id list naming absent images, a subset larger than the data, ..."""
+
+
+class MissingDataError(UserError, FileNotFoundError):
+    """A data file or folder the run names (image source, list file, list root, ImageNet val
+    folder, label file, LMDB export, id file, listed images) is not there. ``load.list_images``
+    adds where the data comes from and the config key to set."""
 
 
 def text_lines(path: Path) -> list[str]:
@@ -158,7 +165,7 @@ class SubsetSpec:
             return list(self.ids), {}, "the subset id list"
         path = DGP_IMAGENET_1K_LIST if self.ids == "dgp1k" else Path(self.ids)
         if not path.is_file():
-            raise FileNotFoundError(f"subset id file {path} does not exist")
+            raise MissingDataError(f"subset id file {path} does not exist")
         ids: list[str] = []
         classes: dict[str, int] = {}
         for line in text_lines(path):
@@ -441,6 +448,10 @@ class ImageRecordDataModule(LightningDataModule):
     def list_items(self) -> list[ImageItem]:
         raise NotImplementedError
 
+    def check_items(self, items: list[ImageItem]) -> None:
+        """Check the chosen items' files before any is read (after the subset, so that a
+        subset of a partial copy of a dataset works); the default checks nothing."""
+
     def make_dataset(self, items: list[ImageItem]) -> ImageRecordDataset:
         return ImageRecordDataset(
             items,
@@ -468,6 +479,7 @@ class ImageRecordDataModule(LightningDataModule):
         items = self.list_items()
         listed = len(items)
         items = apply_subset(items, self.subset)
+        self.check_items(items)
         after_subset = len(items)
         items = [item for item in items if item.id not in self.ids_to_skip]
         skipped = after_subset - len(items)

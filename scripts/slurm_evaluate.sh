@@ -8,6 +8,11 @@
 # trainer.devices must equal --ntasks-per-node and trainer.num_nodes must equal --nodes.
 # output.dir must be on a filesystem every node sees: each rank appends its rows there, and
 # rank 0 reads them all. Submitting the same script again resumes where the last job stopped.
+# If a node dies, the other tasks finish their images, then exit 1 at the final barrier
+# ("another rank stopped before the end"): resubmit. A node lost without closing its
+# connections keeps them waiting up to eval.dist_timeout_s (48 h; lower it with an override).
+# The rendezvous is the first host of SLURM_NODELIST, port 15000 + the job id's last 4 digits.
+# tests/test_multinode.py runs this on one machine (2 simulated nodes, CPU, gloo).
 #SBATCH --job-name=dgp1k-colorization
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=4

@@ -146,6 +146,24 @@ def evaluate_one_thread():
     return run
 
 
+@pytest.fixture(scope="module")
+def small_pggan():  # type: ignore[no-untyped-def]
+    """A 32x32 PGGAN generator of few channels (seed 0; biases drawn too, so that they matter),
+    frozen and in eval mode: the mGANprior tests' generator (test_mganprior, test_mgan_edit)."""
+    import torch
+
+    from genprior.priors.pggan import PGGANGenerator
+
+    torch.manual_seed(0)
+    G = PGGANGenerator(32, fmaps_base=256, fmaps_max=16)
+    with torch.no_grad():
+        for name, p in G.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.2)
+    G.requires_grad_(False)
+    return G.eval()
+
+
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
 def threads(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     """Run the test at 1, then at 2 intra-op threads, and restore the session's count after:

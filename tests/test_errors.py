@@ -102,14 +102,16 @@ def test_pickled_code_is_refused_as_untrusted(tmp_path: Path) -> None:
 
 def test_missing_vgg16_stops_mganprior_before_logging(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = compose(["prior=pggan_tiny", "task=mgan_inversion", f"output.dir={tmp_path}", *QUIET])
+    # pggan_tiny's preset picks the random VGG (needs no file); null asks for the real one
+    no_vgg = "mganprior.vgg_weights=null"
+    cfg = compose(["prior=pggan_tiny", "task=mgan_inversion", no_vgg, f"output.dir={tmp_path}", *QUIET])
     with pytest.raises(MissingFileError, match=r"mganprior\.vgg_weights=<file>"):
         method_class("pggan").from_config(cfg)  # what tasks.run / evaluate.py build first
     def no_logging(*args: object, **kwargs: object) -> None:
         raise AssertionError("the W&B report started before the method was built")
 
     monkeypatch.setattr("genprior.cli.evaluate.WandbReport.start", no_logging)
-    assert run_evaluate(["prior=pggan_tiny", "task=mgan_inversion", f"output.dir={tmp_path / 'ev'}",
+    assert run_evaluate(["prior=pggan_tiny", "task=mgan_inversion", no_vgg, f"output.dir={tmp_path / 'ev'}",
                          *QUIET]) == 2
     err = _one_line(capsys, "evaluate.py")
     assert "vgg16-397923af.pth" in err and "mganprior.vgg_weights" in err

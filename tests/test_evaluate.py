@@ -18,7 +18,6 @@ import random
 import re
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -31,6 +30,16 @@ import torch
 import yaml
 from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
+from run_helpers import (
+    REPO,
+    TINY,
+    by_id,
+    raw_rows,
+    read_wandb_records,
+    result_fields,
+    subprocess_env,
+    synthetic_folder,
+)
 
 from genprior import engine
 from genprior.callbacks import WandbReport
@@ -45,47 +54,16 @@ from genprior.results import (
     t_interval,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "prior=biggan_tiny", "task=colorization", "dgp.iterations=[1,1,0,0,0]", "dgp.select_num=2",
-    "trainer.accelerator=cpu", "trainer.batch_size=1", "trainer.enable_progress_bar=false",
-    "logger=none",
-]
 # The reference's classes for the ImageNet val JPEGs in ../shared/data/dgp (its README).
 DGP_CLASSES = {
     "00000525": 863, "00001172": 269, "00001970": 737, "00003004": 693, "00004291": 442,
     "00008229": 174, "00020814": 185, "00022130": 511, "00042095": 260, "00044065": 425,
 }
-# Row fields that say where/when an image ran, not what it gave.
-RUN_FIELDS = {"seconds", "rank", "world_size", "host", "pid", "finished_at", "run_started_at"}
-
-
-def _raw_rows(out: Path) -> list[dict[str, Any]]:
-    return list(iter_rows(out / "results"))
-
-
-def _by_id(out: Path) -> dict[str, dict[str, Any]]:
-    return {r["id"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
-
-
-def _result_fields(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in row.items() if k not in RUN_FIELDS}
-
-
-def _subprocess_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "TORCHELASTIC_", "WANDB_"))
-           and k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK",
-                         "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE")}
-    # Lightning picks a free port for the rendezvous when MASTER_PORT is unset.
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return env
-
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:
     # A new session: the rank Fabric starts is in the same process group, so a kill of the
     # group stops the whole job, as scancel or a node failure would.
-    return subprocess.Popen([sys.executable, "evaluate.py", *args], cwd=REPO, env=_subprocess_env(),
+    return subprocess.Popen([sys.executable, "evaluate.py", *args], cwd=REPO, env=subprocess_env(),
                             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -125,7 +103,7 @@ def one_process(imagenet_val: tuple[Path, Path], tmp_path_factory: pytest.TempPa
     """The 10 images evaluated by one process: the reference for the distributed runs."""
     out = tmp_path_factory.mktemp("one") / "out"
     assert evaluate_one_thread([*TINY, *_data_args(imagenet_val), f"output.dir={out}"]) == 0
-    return _by_id(out)
+    return by_id(out)
 
 
 # ------------------------------------------------------------------- distributed runs
@@ -136,7 +114,7 @@ def test_two_processes_give_the_results_of_one(imagenet_val, one_process, tmp_pa
     log = tmp_path / "two.log"
     proc = _start([*TINY, *_data_args(imagenet_val), "trainer=ddp_cpu", f"output.dir={out}"], log)
     assert _wait(proc, log) == 0, log.read_text()[-4000:]
-    two = _by_id(out)
+    two = by_id(out)
     assert list(two) == list(one_process)  # every image, in the subset's order
     assert {r["rank"] for r in two.values()} == {0, 1}
     assert all(r["world_size"] == 2 for r in two.values())
@@ -144,7 +122,7 @@ def test_two_processes_give_the_results_of_one(imagenet_val, one_process, tmp_pa
         assert row["status"] == "ok", row
         # exact equality of every metric, final loss and the chosen class: batch 1 and one
         # thread in both runs make every image the same computation (module docstring)
-        assert _result_fields(row) == _result_fields(one_process[image_id]), image_id
+        assert result_fields(row) == result_fields(one_process[image_id]), image_id
     # contiguous shards of 5: the first half on rank 0
     assert [r["rank"] for r in two.values()] == [0] * 5 + [1] * 5
     assert len((out / "results" / "rank0.jsonl").read_text().splitlines()) == 5
@@ -162,13 +140,13 @@ def test_killed_run_resumes_without_losing_or_repeating_images(
     proc = _start([*TINY, *_data_args(imagenet_val), *subset, "trainer=ddp_cpu",
                    f"output.dir={out}"], log)
     deadline = time.monotonic() + 600
-    while len(_raw_rows(out)) < 2:
+    while len(raw_rows(out)) < 2:
         assert proc.poll() is None, f"finished before it could be killed:\n{log.read_text()[-3000:]}"
         assert time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # both ranks, mid-run
     proc.wait()
-    killed = _raw_rows(out)
+    killed = raw_rows(out)
     assert 2 <= len(killed) < 6
     first_pids = {r["pid"] for r in killed}
     # Everything the killed run reported finished is on disk.
@@ -178,7 +156,7 @@ def test_killed_run_resumes_without_losing_or_repeating_images(
 
     # Rerun the same evaluation (here with one process: the world size may change).
     assert evaluate_one_thread([*TINY, *_data_args(imagenet_val), *subset, f"output.dir={out}"]) == 0
-    rows = _raw_rows(out)
+    rows = raw_rows(out)
     ids = [r["id"] for r in rows]
     expected = list(one_process)[:6]
     assert sorted(ids) == sorted(expected)  # every image exactly once: none lost, none twice
@@ -187,31 +165,18 @@ def test_killed_run_resumes_without_losing_or_repeating_images(
     assert all(r["pid"] in first_pids for r in rows if r not in again)
     for row in rows:  # the resumed and the killed run agree with the single-process run (exact:
         # batch 1, one thread, the same computation per image; module docstring)
-        assert _result_fields(row) == _result_fields(one_process[row["id"]]), row["id"]
+        assert result_fields(row) == result_fields(one_process[row["id"]]), row["id"]
     counts = json.loads((out / "summary.json").read_text())["counts"]
     assert counts == {"subset": 6, "finished": 6, "ok": 6, "failed": 0, "skipped": len(killed),
                       "this_run": 6 - len(killed), "missing": 0}
 
 
 # ----------------------------------------------------------- single-process behaviour
-def _synthetic_folder(folder: Path, good: int, corrupt: int = 1) -> Path:
-    folder.mkdir(parents=True)
-    for k in range(good):
-        img = Image.new("RGB", (150, 140), (40 + 60 * k, 90, 200 - 50 * k))
-        for x in range(0, 150, 10):  # some structure, so the metrics differ between images
-            for y in range(140):
-                img.putpixel((x, y), (255 - 30 * k, 20 * k, 128))
-        img.save(folder / f"img{k}.png")
-    for k in range(corrupt):
-        (folder / f"broken{k}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg at all")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def wandb_run(tmp_path_factory: pytest.TempPathFactory, evaluate_one_thread) -> Path:
     """Three good images and a corrupt one, reported to an offline W&B run."""
     base = tmp_path_factory.mktemp("wandb_run")
-    folder = _synthetic_folder(base / "images", good=3)
+    folder = synthetic_folder(base / "images", good=3, corrupt=1)
     out = base / "out"
     mp = pytest.MonkeyPatch()
     # A key in the environment must never end up in anything written (mode forced offline).
@@ -228,7 +193,7 @@ def wandb_run(tmp_path_factory: pytest.TempPathFactory, evaluate_one_thread) -> 
 
 
 def test_failed_image_is_recorded_with_its_reason(wandb_run: Path) -> None:
-    rows = _by_id(wandb_run)
+    rows = by_id(wandb_run)
     assert list(rows) == ["broken0", "img0", "img1", "img2"]  # folder order
     failed = rows["broken0"]
     assert failed["status"] == "failed" and failed["error"]
@@ -245,7 +210,7 @@ def test_summary_files_hold_mean_std_and_t_interval(wandb_run: Path) -> None:
 
     from scipy import stats
 
-    rows = [r for r in _by_id(wandb_run).values() if r["status"] == "ok"]
+    rows = [r for r in by_id(wandb_run).values() if r["status"] == "ok"]
     table = {r["metric"]: r for r in csv.DictReader((wandb_run / "summary.csv").open())}
     assert {"psnr", "ssim", "final_loss", "seconds", "observation_psnr"} <= set(table)
     assert not {"rank", "pid", "class", "finished_at"} & set(table)
@@ -267,32 +232,6 @@ def test_summary_files_hold_mean_std_and_t_interval(wandb_run: Path) -> None:
     assert "| failed | 1 |" in markdown and "| psnr | 3 |" in markdown
 
 
-def _read_wandb_records(path: Path) -> list[Any]:
-    """Records of a ``.wandb`` file: a 7-byte header (":W&B", 0xBEE1, version), then 32 KiB
-    blocks of chunks (crc32 u32, length u16, type u8: 1 full, 2 first, 3 middle, 4 last)
-    carrying serialized ``wandb_internal_pb2.Record`` protobufs."""
-    from wandb.proto import wandb_internal_pb2
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    block, pos, pending, records = 32768, 7, b"", []
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block's tail too short for a header is padding
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        chunk = data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending + chunk)
-            records.append(record)
-            pending = b""
-        elif kind in (2, 3):
-            pending += chunk
-    return records
-
-
 def test_wandb_offline_run_holds_sheets_table_summary_and_config(wandb_run: Path) -> None:
     mirror = json.loads((wandb_run / "wandb_mirror.json").read_text())
     assert mirror["run"]["mode"] == "offline"
@@ -304,7 +243,7 @@ def test_wandb_offline_run_holds_sheets_table_summary_and_config(wandb_run: Path
     assert [row[0] for row in table["rows"]] == ["broken0", "img0", "img1", "img2"]
     assert table["rows"][1][5]["_type"] == "image" and table["rows"][0][5] is None
     psnr_col = table["columns"].index("psnr")
-    assert table["rows"][1][psnr_col] == _by_id(wandb_run)["img0"]["psnr"]
+    assert table["rows"][1][psnr_col] == by_id(wandb_run)["img0"]["psnr"]
     summary = json.loads((wandb_run / "summary.json").read_text())
     assert mirror["summary"]["mean/psnr"] == pytest.approx(summary["metrics"]["psnr"]["mean"])
     assert mirror["summary"]["images/failed"] == 1
@@ -316,7 +255,7 @@ def test_wandb_offline_run_holds_sheets_table_summary_and_config(wandb_run: Path
     assert run_dir.name.startswith("offline-run-") and run_dir.name.endswith(mirror["run"]["id"])
     files = list(run_dir.glob("run-*.wandb"))
     assert len(files) == 1
-    records = _read_wandb_records(files[0])
+    records = read_wandb_records(files[0])
     kinds = [r.WhichOneof("record_type") for r in records]
     assert "run" in kinds and "exit" in kinds
     run_record = next(r.run for r in records if r.WhichOneof("record_type") == "run")
@@ -344,20 +283,20 @@ def test_wandb_never_writes_the_api_key(wandb_run: Path) -> None:
 
 
 def test_rerun_skips_finished_and_retry_failed_refits_only_failures(tmp_path: Path, evaluate_one_thread) -> None:
-    folder = _synthetic_folder(tmp_path / "images", good=1)
+    folder = synthetic_folder(tmp_path / "images", good=1, corrupt=1)
     out = tmp_path / "out"
     args = [*TINY, f"data.source={folder}", "data.class_id=3", f"output.dir={out}"]
     assert evaluate_one_thread(args) == 0
-    first = _raw_rows(out)
+    first = raw_rows(out)
     assert sorted(r["id"] for r in first) == ["broken0", "img0"]
 
     assert evaluate_one_thread(args) == 0  # nothing left to do
-    assert _raw_rows(out) == first
+    assert raw_rows(out) == first
     counts = json.loads((out / "summary.json").read_text())["counts"]
     assert counts["skipped"] == 2 and counts["this_run"] == 0
 
     assert evaluate_one_thread([*args, "eval.retry_failed=true"]) == 0
-    rows = _raw_rows(out)
+    rows = raw_rows(out)
     assert sorted(r["id"] for r in rows) == ["broken0", "img0"]  # still one row per image
     assert next(r for r in rows if r["id"] == "img0") == next(r for r in first if r["id"] == "img0")
     retried = next(r for r in rows if r["id"] == "broken0")
@@ -365,11 +304,11 @@ def test_rerun_skips_finished_and_retry_failed_refits_only_failures(tmp_path: Pa
 
     # Results of another configuration are never mixed in.
     assert evaluate_one_thread([*args, "dgp.w_nll=0.5"]) == 2
-    assert _raw_rows(out) == rows
+    assert raw_rows(out) == rows
     # ... unless asked to start over, which moves the old results aside.
     assert evaluate_one_thread([*args, "dgp.w_nll=0.5", "eval.resume=false"]) == 0
     assert len(list(tmp_path.glob("out/results.old-*/rank0.jsonl"))) == 1
-    assert {r["id"] for r in _raw_rows(out)} == {"broken0", "img0"}
+    assert {r["id"] for r in raw_rows(out)} == {"broken0", "img0"}
 
 
 def test_several_processes_from_python_are_refused(tmp_path: Path) -> None:
@@ -384,7 +323,7 @@ def test_a_shard_is_one_fit_reading_each_image_when_its_batch_comes_up(
 ) -> None:
     """One Trainer.fit for the whole shard, "auto" resolved once for it, and every image read
     only when its batch comes up: by then the rows of the images before it are on disk."""
-    folder = _synthetic_folder(tmp_path / "images", good=3)
+    folder = synthetic_folder(tmp_path / "images", good=3, corrupt=1)
     out = tmp_path / "out"
     fits: list[L.Trainer] = []
     sizes: list[int] = []
@@ -400,7 +339,7 @@ def test_a_shard_is_one_fit_reading_each_image_when_its_batch_comes_up(
         return sizes[-1]
 
     def watched_read(self: ImageRecordDataset, item: Any) -> Any:
-        rows_when_read[item.id] = [r["id"] for r in _raw_rows(out)]
+        rows_when_read[item.id] = [r["id"] for r in raw_rows(out)]
         return read(self, item)
 
     monkeypatch.setattr(L.Trainer, "fit", counted_fit)
@@ -412,7 +351,7 @@ def test_a_shard_is_one_fit_reading_each_image_when_its_batch_comes_up(
     assert sizes == [1]  # "auto" on a CPU
     assert rows_when_read == {"broken0": [], "img0": ["broken0"], "img1": ["broken0", "img0"],
                               "img2": ["broken0", "img0", "img1"]}
-    assert [r["status"] for r in _raw_rows(out)] == ["failed", "ok", "ok", "ok"]
+    assert [r["status"] for r in raw_rows(out)] == ["failed", "ok", "ok", "ok"]
 
 
 def test_wandb_report_is_a_callback_that_only_rank_zero_acts_on(
@@ -431,7 +370,7 @@ def test_wandb_report_is_a_callback_that_only_rank_zero_acts_on(
 
 
 # ---------------------------------------------------------------- results file format
-def test_rows_survive_a_cut_off_write_and_dedupe_by_id(tmp_path: Path) -> None:
+def test_rows_survive_a_cut_off_write_and_dedupeby_id(tmp_path: Path) -> None:
     path = tmp_path / "results" / "rank0.jsonl"
     with ResultsWriter(path) as writer:
         writer.append({"id": "a", "status": "ok", "psnr": 20.0, "finished_at": 1.0})
@@ -555,7 +494,7 @@ def test_data_presets_pick_the_datamodule_and_subset(tmp_path: Path) -> None:
     read = records.read(items[0])  # what the engine calls when the image's batch comes up
     assert read.usable and torch.equal(read.image, records[0]["image"]) and items[0].image is None
 
-    folder = _synthetic_folder(tmp_path / "images", good=3, corrupt=0)
+    folder = synthetic_folder(tmp_path / "images", good=3)
     listing = tmp_path / "list.txt"
     listing.write_text("img2.png 5\nimg0.png 5\nimg1.png 6\n")
     cfg = compose([*TINY, "data=folder", f"data.source={listing}", "data.subset.per_class=1"])

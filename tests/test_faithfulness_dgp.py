@@ -185,7 +185,9 @@ def measure(method: DGP, b: int, replay: Replay, trace: dict[str, Any]) -> dict[
         images.append(rel(x2 * 2 - 1, trace["final_colorization_x2_lab_merged"][0]))
     out = {"losses": losses, "z": z, "images": max(images)}
     if "per_step_metrics" in trace and replay.metrics:
-        out["metrics"] = max(elementwise_rel(torch.stack(replay.metrics[key])[:n], ref[:n])
+        # the reference's inpainting psnr/ssim are of the hole: genprior's psnr_hole/ssim_hole
+        names = {"psnr": "psnr_hole", "ssim": "ssim_hole"} if trace["mode"] == "inpainting" else {}
+        out["metrics"] = max(elementwise_rel(torch.stack(replay.metrics[names.get(key, key)])[:n], ref[:n])
                              for key, ref in trace["per_step_metrics"].items())
     deltas, in_biases = [0.0], [0.0]
     use_in = any(st.use_in for st in method.stages)

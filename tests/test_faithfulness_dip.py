@@ -67,7 +67,8 @@ from genprior.methods.dip import (
     noisy_observation,
     pil_to_tensor,
 )
-from genprior.priors.dip_nets import Downsampler, get_net, get_noise, skip
+from genprior.priors.dip_archs import get_net
+from genprior.priors.dip_nets import Downsampler, get_noise, skip
 
 pytestmark = pytest.mark.shared
 

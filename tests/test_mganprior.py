@@ -53,19 +53,6 @@ from genprior.priors.pggan import PGGANGenerator
 LSUN_COLOR = ("data", "lsun", "colorization", "bedroom")
 
 
-@pytest.fixture(scope="module")
-def small_G() -> PGGANGenerator:
-    torch.manual_seed(0)
-    G = PGGANGenerator(32, fmaps_base=256, fmaps_max=16)
-    with torch.no_grad():
-        for name, p in G.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0, 0.2)
-    for p in G.parameters():
-        p.requires_grad_(False)
-    return G.eval()
-
-
 def _images(n: int, size: int = 32, seed: int = 1) -> Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.rand(n, 3, size, size, generator=g) * 2 - 1
@@ -98,10 +85,10 @@ def _features() -> nn.Sequential:
 
 
 # ------------------------------------------------------------------------------ loss and optimiser
-def test_loss_is_the_released_combine_loss(small_G: PGGANGenerator) -> None:
+def test_loss_is_the_released_combine_loss(small_pggan: PGGANGenerator) -> None:
     config = MGANConfig(composing_layer=3, z_number=3, iterations=1, l1_lambda=0.5, vgg_lambda=0.1)
     vgg = VGGFeatureLoss(_features(), image_size=64)
-    method = MGANPrior(small_G, config, Gray((0.299, 0.587, 0.114)), perceptual=vgg, task="colorization")
+    method = MGANPrior(small_pggan, config, Gray((0.299, 0.587, 0.114)), perceptual=vgg, task="colorization")
     y = _images(1)
     method.start(_batch(y, ["a"]))
     total, record, x = method.loss()
@@ -115,8 +102,8 @@ def test_loss_is_the_released_combine_loss(small_G: PGGANGenerator) -> None:
         return vgg.features(F.interpolate((t * 0.5 + 0.5).sub(mean).div(std), size=64, mode="nearest"))
 
     z, alpha = method.z.detach(), method.alpha.detach()
-    feats = [small_G.head(z[:, n], 3) * alpha[:, n, :, None, None] for n in range(3)]
-    x_ref = small_G.tail(sum(feats) / 3, 3)
+    feats = [small_pggan.head(z[:, n], 3) * alpha[:, n, :, None, None] for n in range(3)]
+    x_ref = small_pggan.tail(sum(feats) / 3, 3)
     # the N codes batched through G1 against one code at a time (other conv kernels, amplified
     # by the pixel norms over 4 channels of this random net): measured max 6.3e-6 (threads 1/2/4)
     assert_close(x, x_ref, rtol=0, atol=2e-5)
@@ -128,19 +115,19 @@ def test_loss_is_the_released_combine_loss(small_G: PGGANGenerator) -> None:
     # VGG on repeated gray (identical channels either way): measured 0 (threads 1/2/4)
     assert_close(record.terms["vgg_loss"][0], F.l1_loss(phi(gx), phi(gy)) * 0.001, rtol=1e-5, atol=0)
     # Initial values: α = 1/N, z from the image's own stream.
-    assert torch.equal(alpha, torch.full((1, 3, small_G.feature_shape(3)[0]), 1 / 3))
+    assert torch.equal(alpha, torch.full((1, 3, small_pggan.feature_shape(3)[0]), 1 / 3))
 
 
-def test_gd_is_plain_sgd_on_codes_and_importances(small_G: PGGANGenerator) -> None:
+def test_gd_is_plain_sgd_on_codes_and_importances(small_pggan: PGGANGenerator) -> None:
     config = MGANConfig(composing_layer=4, z_number=4, iterations=3, vgg_lambda=0.0)
-    method = MGANPrior(small_G, config, Identity())
+    method = MGANPrior(small_pggan, config, Identity())
     y = _images(1)
     method.start(_batch(y, ["a"]))
     z, alpha = method.z.detach().clone().requires_grad_(True), method.alpha.detach().clone().requires_grad_(True)
     opt = torch.optim.SGD([z, alpha], lr=1.0)
     for _ in range(3):
         opt.zero_grad()
-        F.mse_loss(small_G.multi_code(z, alpha, 4), y).backward()
+        F.mse_loss(small_pggan.multi_code(z, alpha, 4), y).backward()
         opt.step()
     _fit(method)
     # torch.optim.SGD with F.mse_loss against PerImageSGD with the per-image mean: measured 0
@@ -162,10 +149,10 @@ def test_per_image_sgd_has_per_image_rates_and_freezes_finished_images() -> None
         PerImageSGD([{"name": "z", "params": [p]}], batch_size=4)
 
 
-def test_adam_option(small_G: PGGANGenerator) -> None:
+def test_adam_option(small_pggan: PGGANGenerator) -> None:
     config = MGANConfig(composing_layer=2, z_number=2, iterations=2, vgg_lambda=0.0,
                         optimization="Adam", lr=0.01)
-    method = MGANPrior(small_G, config, Identity())
+    method = MGANPrior(small_pggan, config, Identity())
     method.start(_batch(_images(1), ["a"]))
     z0 = method.z.detach().clone()
     _fit(method)
@@ -175,15 +162,15 @@ def test_adam_option(small_G: PGGANGenerator) -> None:
         MGANConfig(optimization="SGD")
 
 
-def test_batch_of_two_gives_each_image_its_own_result(small_G: PGGANGenerator) -> None:
+def test_batch_of_two_gives_each_image_its_own_result(small_pggan: PGGANGenerator) -> None:
     config = MGANConfig(composing_layer=4, z_number=3, iterations=4, vgg_lambda=0.0)
     ids = ["a", "b"]
     y = _images(2)
-    both = MGANPrior(small_G, config, Identity())
+    both = MGANPrior(small_pggan, config, Identity())
     both.start(_batch(y, ids))
     losses2 = torch.stack(_fit(both))
     for b, image_id in enumerate(ids):
-        one = MGANPrior(small_G, config, Identity())
+        one = MGANPrior(small_pggan, config, Identity())
         one.start(_batch(y[b : b + 1], [image_id]))
         losses1 = torch.stack(_fit(one))[:, 0]
         # batch 2 against batch 1 (other conv kernels), four SGD steps: measured max 2.2e-7
@@ -193,19 +180,19 @@ def test_batch_of_two_gives_each_image_its_own_result(small_G: PGGANGenerator) -
         assert_close(both.final_output()[b], one.final_output()[0], rtol=0, atol=1e-4)
 
 
-def test_one_code_versus_n_codes(small_G: PGGANGenerator) -> None:
+def test_one_code_versus_n_codes(small_pggan: PGGANGenerator) -> None:
     y = _images(1)
-    single = MGANPrior(small_G, MGANConfig(composing_layer=0, z_number=1, train_alpha=False,
+    single = MGANPrior(small_pggan, MGANConfig(composing_layer=0, z_number=1, train_alpha=False,
                                            iterations=5, vgg_lambda=0.0), Identity())
     single.start(_batch(y, ["a"]))
     assert _group_names(single) == ["z"]
     single_losses = _fit(single)
     # The single-code baseline is the plain generator: x = G(z), α stays 1.
     with torch.no_grad():
-        assert torch.equal(single.final_output(), small_G(single.z[:, 0]))
+        assert torch.equal(single.final_output(), small_pggan(single.z[:, 0]))
     assert torch.equal(single.alpha, torch.ones_like(single.alpha))
 
-    multi = MGANPrior(small_G, MGANConfig(composing_layer=4, z_number=8, iterations=5,
+    multi = MGANPrior(small_pggan, MGANConfig(composing_layer=4, z_number=8, iterations=5,
                                           vgg_lambda=0.0), Identity())
     multi.start(_batch(y, ["a"]))
     assert _group_names(multi) == ["z", "alpha"]
@@ -252,8 +239,8 @@ def test_every_task_builds_its_degradation(tmp_path: Path) -> None:
         build_mgan_degradation("mask_image", 256)
 
 
-def test_sr_observation_is_shown_at_full_size(small_G: PGGANGenerator) -> None:
-    method = MGANPrior(small_G, MGANConfig(composing_layer=2, z_number=2, iterations=1, vgg_lambda=0.0),
+def test_sr_observation_is_shown_at_full_size(small_pggan: PGGANGenerator) -> None:
+    method = MGANPrior(small_pggan, MGANConfig(composing_layer=2, z_number=2, iterations=1, vgg_lambda=0.0),
                        build_mgan_degradation("sr", 32, sr_factor=4), task="sr")
     method.start(_batch(_images(2), ["a", "b"]))
     assert method.target.shape == (2, 3, 8, 8)
@@ -265,8 +252,8 @@ def test_sr_observation_is_shown_at_full_size(small_G: PGGANGenerator) -> None:
     assert set(metrics) == {"psnr", "ssim"} and metrics["psnr"].shape == (2,)
 
 
-def test_inpainting_reports_hole_metrics_and_a_composite(small_G: PGGANGenerator) -> None:
-    method = MGANPrior(small_G, MGANConfig(composing_layer=2, z_number=2, iterations=1, vgg_lambda=0.0),
+def test_inpainting_reports_hole_metrics_and_a_composite(small_pggan: PGGANGenerator) -> None:
+    method = MGANPrior(small_pggan, MGANConfig(composing_layer=2, z_number=2, iterations=1, vgg_lambda=0.0),
                        CenterSquareMask(16), task="inpainting")
     y = _images(1)
     method.start(_batch(y, ["a"]))
@@ -393,11 +380,11 @@ def _soft_mask(path: Path, size: int = 256) -> np.ndarray:
     return arr[..., :3]
 
 
-def test_method_follows_its_generators_dtype(small_G: PGGANGenerator, tmp_path: Path) -> None:
+def test_method_follows_its_generators_dtype(small_pggan: PGGANGenerator, tmp_path: Path) -> None:
     """A float64 PGGAN makes a float64 method (TRACES_F64.md): codes, importances, targets,
     masks, the VGG term, losses, optimizer updates and metrics, from float64 inputs as given."""
     G64 = PGGANGenerator(32, fmaps_base=256, fmaps_max=16).double()
-    G64.load_state_dict(small_G.state_dict())
+    G64.load_state_dict(small_pggan.state_dict())
     G64.requires_grad_(False)
     vgg = VGGFeatureLoss(_features().double(), image_size=32)
     config = MGANConfig(composing_layer=4, z_number=3, iterations=2, vgg_lambda=1.0, l1_lambda=0.5)
@@ -414,7 +401,7 @@ def test_method_follows_its_generators_dtype(small_G: PGGANGenerator, tmp_path: 
     assert {v.dtype for v in record.reported().values()} == {torch.float64}
     assert method.z.dtype == method.alpha.dtype == torch.float64
     # The same codes as a float32 method draws from the same streams (drawn in float32).
-    m32 = MGANPrior(small_G, config, CenterSquareMask(16), perceptual=VGGFeatureLoss(_features(), image_size=32))
+    m32 = MGANPrior(small_pggan, config, CenterSquareMask(16), perceptual=VGGFeatureLoss(_features(), image_size=32))
     m32.start(_batch(y.float(), ["a", "b"]))
     method.start(_batch(y, ["a", "b"]))
     assert torch.equal(method.z, m32.z.double())

@@ -16,6 +16,7 @@ from genprior.config import ConfigError, compose
 from genprior.degradations import build_degradation
 from genprior.engine import choose_batch_size, step
 from genprior.items import ImageBatch, ImageItem
+from genprior.methods import build
 from genprior.methods.dgp import DGP, DGPConfig
 from genprior.metrics import restoration_metrics
 from genprior.optim import PerImageAdam
@@ -372,10 +373,11 @@ def test_runs_use_the_configured_or_automatic_batch_size() -> None:
     on a CPU, without probing (the method is never started)."""
     items = [ImageItem(id=str(i), path="") for i in range(5)]
     auto = compose(["prior=biggan_tiny", "task=colorization", "trainer.accelerator=cpu"])
-    assert choose_batch_size(auto, None, items, None) == CPU_AUTO_BATCH  # type: ignore[arg-type]
+    method = build(auto)  # built, never started
+    assert choose_batch_size(auto, method, items, None) == CPU_AUTO_BATCH
     fixed = compose(["prior=biggan_tiny", "task=colorization", "trainer.accelerator=cpu",
                      "trainer.batch_size=3"])
-    assert choose_batch_size(fixed, None, items, None) == 3  # type: ignore[arg-type]
+    assert choose_batch_size(fixed, method, items, None) == 3
 
 
 def test_cpu_malloc_tuning_is_an_option_applied_once() -> None:

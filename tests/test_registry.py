@@ -24,8 +24,9 @@ def test_every_kind_has_its_entries() -> None:
     assert {"pggan_bedroom", "pggan_churchoutdoor", "pggan_celebahq", "pggan_tiny"} <= set(
         registry.names("pggan"))
     assert registry.names("dip") == ["dip_skip"]
+    assert registry.names("tv") == ["tv"]
     assert registry.names() == [
-        *registry.names("biggan"), *registry.names("pggan"), *registry.names("dip")]
+        *registry.names("biggan"), *registry.names("pggan"), *registry.names("dip"), *registry.names("tv")]
     with pytest.raises(ValueError, match="prior kind"):
         registry.names("stylegan")
 
@@ -61,7 +62,12 @@ def test_unknown_names_suggest_close_ones() -> None:
         registry.get("nothing_like_it")
 
 
-@pytest.mark.parametrize("name", registry.names())
+def test_the_tv_prior_has_no_network() -> None:
+    with pytest.raises(ValueError, match="no network"):
+        registry.build("tv")
+
+
+@pytest.mark.parametrize("name", [n for n in registry.names() if registry.get(n).kind != "tv"])
 def test_every_entry_builds(name: str) -> None:
     spec = registry.get(name)
     with torch.device("meta"):
@@ -134,9 +140,9 @@ def _genprior_imports(path: Path) -> list[tuple[str, bool]]:
 
 def test_priors_import_nothing_above_them() -> None:
     # networks <- checkpoints <- registry, inside; outside only the core modules
-    below = {"biggan": set(), "pggan": set(), "dip_nets": set(),
+    below = {"biggan": set(), "pggan": set(), "dip_nets": set(), "dip_archs": {"dip_nets"},
              "checkpoints": {"biggan", "pggan"},
-             "registry": {"biggan", "pggan", "dip_nets", "checkpoints"}}
+             "registry": {"biggan", "pggan", "dip_nets", "dip_archs", "checkpoints"}}
     assert {p.stem for p in PRIORS.glob("*.py")} == {*below, "__init__"}
     for path in sorted(PRIORS.glob("*.py")):
         for module, local in _genprior_imports(path):

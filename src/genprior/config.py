@@ -33,6 +33,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from genprior.errors import UserError
 from genprior.methods.dgp import DGPConfig
 from genprior.methods.dip import DIPConfig
+from genprior.methods.inversion import InversionConfig
 from genprior.methods.mganprior import MGANConfig
 from genprior.metrics import EXTRA_METRICS
 from genprior.perf import AUTOCAST_MODES, PerfConfig
@@ -118,6 +119,9 @@ class DataConfig:
     lmdb: str | None = None  # LSUN export folder (<category>_<split>_lmdb) or its data.mdb
     preprocessing: str | None = None  # dgp | pggan | none; None: the datamodule's default
     subset: SubsetConfig = field(default_factory=SubsetConfig)
+    # Where the data comes from (the dataset's published source), said by the data presets and
+    # added to the error when their files are missing (docs/data.md "Where the data comes from").
+    get_from: str | None = None
 
 
 @dataclass
@@ -141,15 +145,26 @@ class LoggerConfig:
     kind: str = "csv"  # csv | wandb | none
     project: str = "genprior"
     entity: str | None = None
-    # offline unless the user is logged in ("auto"), or force "offline"/"online"
+    # offline unless the user is logged in ("auto"), or force "offline"/"online"/"disabled"
     mode: str = "auto"
     log_every_n_steps: int = 10
+    # The W&B run's name, tags, group, notes and job type. A value set here wins over the
+    # WANDB_* environment variable, which wins over the default (callbacks/wandb.py,
+    # wandb_init_args; docs/evaluation.md "W&B").
+    name: str | None = None
+    tags: list[str] | None = None
+    group: str | None = None
+    notes: str | None = None
+    job_type: str | None = None
 
 
 @dataclass
 class OutputConfig:
     dir: str = "outputs/${prior.name}-${task.name}"
     save_G: bool = False  # save the fine-tuned G and z of every image (needed for morphing)
+    # train.py refuses an output.dir that holds another run's results (config.yaml,
+    # results.jsonl) unless this is true; evaluate.py resumes into its folder instead.
+    overwrite: bool = False
 
 
 @dataclass
@@ -196,6 +211,29 @@ class ManipulationConfig:
     gif_bounce: bool = True  # play the morph there and back, so that the GIF loops smoothly
     mp4: bool = True  # also write morphing.mp4 when an encoder (imageio-ffmpeg) is installed
     render_chunk: int = 32  # images per generator forward pass
+
+
+@dataclass
+class MGANEditConfig:
+    """Edits of an mGANprior inversion (genprior.tasks.mgan_edit, docs/mganprior.md):
+    ``task=mgan_semantic`` (InterFaceGAN boundaries) and ``task=mgan_style_mixing``."""
+
+    # mgan_fit.pt files (or the image folders holding them) written by an earlier run; when
+    # given, nothing is fitted and data.source is not read.
+    saved: list[str] = field(default_factory=list)
+    # <boundaries_dir>/<boundary_prefix>_<attribute>_boundary.npy; prefix None: prior.name;
+    # "random": seeded random unit normals (the tiny prior's smoke runs: meaningless directions)
+    boundaries_dir: str = "pretrained/interfacegan"
+    boundary_prefix: str | None = None
+    attributes: list[str] = field(default_factory=lambda: ["age", "gender", "smile", "eyeglasses", "pose"])
+    # distances t along each unit normal: every code z_n moves to z_n + t·n (α unchanged)
+    strengths: list[float] = field(default_factory=lambda: [-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0])
+    # style mixing: crossover layers k (composing layer <= k < layers); each mixed image takes
+    # the other image's feature statistics at every layer from k on
+    mix_layers: list[int] = field(default_factory=lambda: [6, 8, 10, 12])
+    tile_size: int = 256  # pixels of one image in the sheets (the PNGs keep the full size)
+    render_chunk: int = 8  # edited images per generator forward pass
+    gif_frame_ms: int = 150  # mgan_semantic: one GIF per attribute over the strengths
 
 
 @dataclass
@@ -277,7 +315,9 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     mganprior: MGANConfig = field(default_factory=MGANConfig)
+    inversion: InversionConfig = field(default_factory=InversionConfig)  # DIP's network inversion
     manipulation: ManipulationConfig = field(default_factory=ManipulationConfig)
+    mgan_edit: MGANEditConfig = field(default_factory=MGANEditConfig)
     defense: DefenseConfig = field(default_factory=DefenseConfig)
     seed: int = 0
     # The presets this config was composed from (filled in by compose; informational).
@@ -342,6 +382,8 @@ class ParsedArgs:
     user_files: list[str]
     help: bool = False
     ignored: list[str] = field(default_factory=list)
+    print_config: bool = False  # --print-config: print the composed config and stop
+    dry_run: bool = False  # --dry-run: the program's up-front checks, then stop
 
 
 def parse_args(argv: Sequence[str]) -> ParsedArgs:
@@ -354,6 +396,9 @@ def parse_args(argv: Sequence[str]) -> ParsedArgs:
         i += 1
         if arg in ("-h", "--help", "help"):
             parsed.help = True
+            continue
+        if arg in ("--print-config", "--dry-run"):
+            setattr(parsed, arg[2:].replace("-", "_"), True)
             continue
         body = arg[2:] if arg.startswith("--") else arg
         if "=" not in body:
@@ -581,18 +626,26 @@ def help_text(program: str) -> str:
         "  lists: dgp.G_lrs=[5e-5,5e-5,2e-5]; W&B sweep agents pass --key=value, also accepted.",
         "Top-level sections: " + ", ".join(OmegaConf.structured(Config).keys()),
         "Every run writes its resolved config to <output.dir>/config.yaml.",
+        "--print-config prints the composed, resolved config (YAML) and exits without running;",
+        "  --dry-run (train.py, evaluate.py) checks the files the run needs (weights, data) and",
+        "  lists the images it would fit, then exits.",
     ]
     return "\n".join(lines)
 
 
 def compose_or_exit(argv: Sequence[str], program: str) -> DictConfig | None:
-    """CLI wrapper: print help (returns None) or a one-paragraph error (exit code 2)."""
+    """CLI wrapper: print the help or (--print-config) the composed, resolved config and return
+    None (the program exits 0), or print a one-paragraph error (exit code 2)."""
     try:
         parsed = parse_args(argv)
         if parsed.help:
             print(help_text(program))
             return None
-        return compose_parsed(parsed)
+        cfg = compose_parsed(parsed)
+        if parsed.print_config:
+            print(to_yaml(cfg), end="")
+            return None
+        return cfg
     except ConfigError as err:
         print(f"{program}: config error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -29,6 +29,7 @@ import traceback
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from genprior.callbacks import (
     SaveReconstructions,
     StageProgressBar,
     StageSnapshots,
+    WandbReport,
     make_wandb_logger,
 )
 from genprior.device import fit_devices, pick_device
@@ -55,7 +57,10 @@ from genprior.methods.base import Method
 from genprior.optim import StackedOptimizer, carry_state
 from genprior.perf import auto_batch_size, perf_settings, resolve_batch_size
 
-__all__ = ["BatchOutputs", "ImageBatches", "Reconstruction", "make_loggers", "make_trainer", "run", "step"]
+__all__ = [
+    "BatchOutputs", "ImageBatches", "Reconstruction", "TaskRows", "edit_row", "make_loggers",
+    "make_trainer", "run", "step",
+]
 
 log = logging.getLogger("genprior")
 
@@ -89,11 +94,18 @@ def step(method: Method, optimizer: StackedOptimizer,
     optimizer.active = active
     optimizer.set_lrs(method.step_lrs())
     optimizer.masks = method.step_masks()
-    optimizer.zero_grad(set_to_none=True)
-    loss, record, x = method.loss()
-    (backward or Tensor.backward)(loss)
-    method.before_optimizer_step()  # DIP's backtracking restores weights here (after backward)
-    optimizer.step()
+    evaluated: list[tuple[StepRecord, Tensor | None]] = []
+
+    def evaluate() -> Tensor:  # the closure; L-BFGS (DIP) calls it from its own step
+        optimizer.zero_grad(set_to_none=True)
+        loss, record, x = method.loss()
+        (backward or Tensor.backward)(loss)
+        method.before_optimizer_step()  # DIP's backtracking restores weights here (after backward)
+        evaluated.append((record, x))
+        return loss
+
+    method.optimizer_step(optimizer, evaluate)  # default: evaluate(), then optimizer.step()
+    record, x = evaluated[-1]
     return record, x, method.end_step(record)
 
 
@@ -292,14 +304,15 @@ class Reconstruction(L.LightningModule):
 
 # --------------------------------------------------------------------------------- building
 def make_loggers(cfg: Any, out: Path) -> list[Any]:
-    """The run's Lightning loggers (``logger.kind``): CSV (the default), W&B or none."""
+    """The run's Lightning loggers (``logger.kind``): CSV (the default), W&B (with the CSV log
+    too: ``logs/metrics.csv`` is kept whatever the kind) or none."""
     kind = str(cfg.logger.kind)
     if kind == "none":
         return []
     if kind == "csv":
         return [CSVLogger(save_dir=str(out), name="logs", version="")]
     if kind == "wandb":
-        return [make_wandb_logger(cfg, out)]
+        return [CSVLogger(save_dir=str(out), name="logs", version=""), make_wandb_logger(cfg, out)]
     raise ValueError(f"unknown logger.kind {kind!r}; use csv, wandb or none")
 
 
@@ -311,7 +324,9 @@ def make_trainer(cfg: Any, out: Path | None, callbacks: Sequence[L.Callback] = (
     hundreds of times inside an attack).
     """
     for pattern in _EXPECTED_WARNINGS:
-        warnings.filterwarnings("ignore", pattern)
+        # only where Lightning warns (lightning.pytorch, lightning.fabric, lightning_fabric):
+        # the same words from any other library still show
+        warnings.filterwarnings("ignore", pattern, module="lightning")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     bar = bool(cfg.trainer.enable_progress_bar) and not quiet
     accelerator = "cuda" if pick_device(cfg).type == "cuda" else "cpu"
@@ -338,7 +353,8 @@ def output_callbacks(cfg: Any, out: Path, method: Method, extra_metrics: dict[st
                      rows: ResultRows) -> list[L.Callback]:
     """What a run writes per image (docs: README "Outputs"), in the order the callbacks need:
     the frames are collected before the files are written; the extra metrics are scored before
-    the rows are built."""
+    the rows are built; the W&B report (``logger.kind=wandb``) logs the rows' sheets, table and
+    summary once they are built."""
     snapshots = StageSnapshots(print_interval=method.print_interval, save_interval=method.save_interval,
                                out_dir=out)
     callbacks: list[L.Callback] = [snapshots, LossLogger(int(cfg.logger.log_every_n_steps)),
@@ -348,6 +364,8 @@ def output_callbacks(cfg: Any, out: Path, method: Method, extra_metrics: dict[st
     if cfg.output.save_G and method.saves_reconstructions:
         callbacks.append(SaveReconstructions(out, cfg))
     callbacks.append(rows)
+    if str(cfg.logger.kind) == "wandb":
+        callbacks.append(WandbReport(cfg, out, rows=rows))
     return callbacks
 
 
@@ -386,6 +404,9 @@ def choose_batch_size(cfg: Any, method: Method, items: Sequence[ImageItem],
     at B = 1 and B = 2, genprior.perf.auto_batch_size) and 1 on a CPU."""
     device = pick_device(cfg)
     value = cfg.trainer.batch_size
+    cap = method.max_batch_size()  # DIP's L-BFGS: 1
+    if cap is not None:
+        return min(cap, resolve_batch_size(cap if str(value) == "auto" else value, device, len(items)))
     if str(value) != "auto" or device.type != "cuda" or len(items) < 2:
         return resolve_batch_size(value, device, len(items))
     first = next((i for i in ((read(x) if read and x.image is None else x) for x in items) if i.usable), None)
@@ -409,3 +430,41 @@ def choose_batch_size(cfg: Any, method: Method, items: Sequence[ImageItem],
 
     free, _ = torch.cuda.mem_get_info(device)
     return auto_batch_size(peak_bytes, free, len(items))
+
+
+# --------------------------------------------------------------------------------------------
+# The rows of the tasks that edit saved fits (manipulation, mgan_edit)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskRows:
+    """A task's rows in order; every row added also goes to ``on_row`` (evaluate.py's results)."""
+
+    on_row: Callable[[dict[str, Any]], None] | None = None
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if self.on_row is not None:
+            self.on_row(row)
+
+
+@contextmanager
+def edit_row(task: str, paths: Sequence[Path]) -> Iterator[dict[str, Any]]:
+    """The row of one edit of saved fits: ``id`` (the fits' folder names joined by _, which the
+    block may replace by the image ids), ``task`` and ``path``; when the block ends, ``status``
+    ok, or failed with the ``error`` if it raised (logged and printed, not raised: one bad file
+    or pair must not cost the others); and ``seconds``."""
+    start = time.perf_counter()
+    row: dict[str, Any] = {"id": "_".join(p.parent.name for p in paths), "task": task,
+                           "path": ",".join(str(p) for p in paths)}
+    try:
+        yield row
+        row["status"] = "ok"
+    except Exception as err:
+        reason = f"{type(err).__name__}: {' '.join(str(err).split())}"
+        log.debug("%s of %s failed:\n%s", task, row["id"], traceback.format_exc())
+        print(f"genprior: {task} of {row['id']} failed: {reason}")
+        row.update(status="failed", error=reason)
+    row["seconds"] = time.perf_counter() - start

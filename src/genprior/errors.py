@@ -5,15 +5,21 @@ usual builtin base (``ValueError``, ``FileNotFoundError``), so ``train.py`` and 
 catch them all in one place and print one line (``one_line``) instead of a traceback;
 ``GENPRIOR_DEBUG=1`` in the environment keeps the traceback. The message itself names the file,
 key or value at fault and what to do.
+
+``output_error`` turns an OSError of an output write that the user must fix (ENOSPC, EDQUOT,
+EROFS, EACCES) into an ``OutputWriteError`` naming the file and the errno. ``Interrupted`` is
+not an error: train.py raises it from its SIGTERM / SIGINT handler to end the fit cleanly.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import sys
 
-__all__ = ["DEBUG_ENV", "InvalidSettingError", "MissingFileError", "UserError", "debug_enabled",
-           "one_line", "report"]
+__all__ = ["DEBUG_ENV", "OUTPUT_ERRNOS", "Interrupted", "InvalidSettingError", "MissingFileError",
+           "OutputWriteError", "UserError", "debug_enabled", "one_line", "output_error", "report"]
 
 DEBUG_ENV = "GENPRIOR_DEBUG"
 
@@ -28,6 +34,42 @@ class MissingFileError(UserError, FileNotFoundError):
 
 class InvalidSettingError(UserError, ValueError):
     """A config value the chosen prior or method cannot use; the message names the key."""
+
+
+class OutputWriteError(UserError, OSError):
+    """An output file cannot be written (full disk, quota, read-only or forbidden folder)."""
+
+
+class Interrupted(BaseException):
+    """The run got SIGTERM or SIGINT: raised by train.py's signal handler, so that the fit ends
+    through Lightning's ``on_exception`` hooks (the images in flight get an "interrupted" row)
+    and train.py exits with 128 + the signal's number. A BaseException, so that no
+    ``except Exception`` on the way (a batch's own error handling) swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = int(signum)
+        super().__init__(f"interrupted by {signal.Signals(self.signum).name}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+#: The errnos of an output write that the user must fix: no space, quota, read-only, forbidden.
+OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES})
+
+
+def output_error(err: OSError, path: str | os.PathLike[str] | None = None) -> OutputWriteError | None:
+    """The one-line error for an OSError of ``OUTPUT_ERRNOS`` while writing ``path`` (or the
+    error's own file name); None for any other OSError (a bug, left to its traceback)."""
+    if err.errno not in OUTPUT_ERRNOS:
+        return None
+    where = path if path is not None else (err.filename or "an output file")
+    meaning = f"{os.strerror(err.errno)} ({errno.errorcode[err.errno]})"
+    error = OutputWriteError(f"cannot write {where}: {meaning}; free space or fix the folder's "
+                             "permissions, or give another output.dir=<folder>")
+    error.errno = err.errno
+    return error
 
 
 def one_line(err: BaseException) -> str:

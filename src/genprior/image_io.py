@@ -24,12 +24,13 @@ import io
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -39,11 +40,14 @@ __all__ = [
     "crop_box_long_edge",
     "decode_image",
     "image_grid",
+    "labelled_sheet",
+    "labelled_sheet_size",
     "load_image",
     "preprocess",
     "safe_name",
     "save_image",
     "to_tensor",
+    "to_uint8",
 ]
 
 #: File suffixes treated as images when a folder is scanned (compared in lower case).
@@ -327,6 +331,14 @@ def save_image(
     for ``value_range=(0, 1)``. Values are clipped to [0, 255] first, because a float to
     uint8 cast of an out-of-range value wraps around. The format follows the suffix.
     """
+    arr = to_uint8(tensor, value_range=value_range)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def to_uint8(tensor: torch.Tensor, *, value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
+    """[3, H, W] (or [1, 3, H, W], or [H, W] gray) -> HWC (or HW) uint8, as `save_image` writes it."""
     x = tensor.detach().to("cpu", torch.float32)
     if x.dim() == 4:
         if x.shape[0] != 1:
@@ -337,7 +349,8 @@ def save_image(
         raise ValueError(f"value_range must be increasing, got {value_range}")
     # Same operation order as the reference for [-1, 1]: (x + 1) / 2, then * 255.
     arr = ((x - lo) / (hi - lo) * 255.0).numpy()
-    arr = np.clip(arr, 0, 255).astype(np.uint8)
+    # A diverged fit's NaN pixels are written black (a NaN has no uint8 value).
+    arr = np.clip(np.nan_to_num(arr, nan=0.0), 0, 255).astype(np.uint8)
     if arr.ndim == 3:
         if arr.shape[0] == 1:
             arr = arr[0]
@@ -347,9 +360,7 @@ def save_image(
             raise ValueError(f"expected 1 or 3 channels, got shape {tuple(tensor.shape)}")
     elif arr.ndim != 2:
         raise ValueError(f"expected [3,H,W], [1,3,H,W] or [H,W], got {tuple(tensor.shape)}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path)
+    return arr
 
 
 def safe_name(name: str) -> str:
@@ -374,3 +385,135 @@ def image_grid(frames: list[torch.Tensor], ncol: int | None = None, normalize: b
         lo, hi = grid.min(), grid.max()
         grid = (grid - lo) / (hi - lo).clamp(min=1e-8)
     return grid
+
+
+# Labelled sheets: PIL's built-in font, so that no font file has to ship with genprior.
+_TEXT = (0, 0, 0)
+_SHEET_BACKGROUND = (255, 255, 255)
+_SHEET_PAD = 2
+
+
+def labelled_sheet(
+    frames: Sequence[torch.Tensor | None],
+    ncol: int,
+    *,
+    labels: Sequence[str] | None = None,
+    row_labels: Sequence[str] | None = None,
+    title: str | None = None,
+    value_range: tuple[float, float] = (0.0, 1.0),
+    tile: int | tuple[int, int] | None = None,
+    resample: Image.Resampling = Image.Resampling.LANCZOS,
+) -> Image.Image:
+    """Tile [3, H, W] frames ``ncol`` per row on a white sheet that says what each one is.
+
+    ``labels`` (one per frame) are written in a band above their frame (column titles; a row
+    whose labels are all empty has no band),
+    ``row_labels`` (one per row of the sheet) left of their row and ``title`` in a band on top,
+    with PIL's default font; a label wider than its frame is shortened with "...". A ``None``
+    frame leaves its cell empty (to start a new row). Frames are converted as `save_image`
+    writes them (``value_range``, truncation; a uint8 frame is taken as its pixels), so every
+    frame's pixels are those of its own PNG, unless ``tile`` (an int, or (height, width)) has
+    every frame resized to that size with ``resample``. Returns an RGB image:
+    ``labelled_sheet(...).save(path)``; its size is `labelled_sheet_size`. `image_grid` stays
+    the reference's unlabelled sheet (progress.png).
+    """
+    cells = list(frames)
+    shown = [f for f in cells if f is not None]
+    if not shown:
+        raise ValueError("labelled_sheet needs at least one frame")
+    if labels is not None and len(labels) != len(cells):
+        raise ValueError(f"{len(labels)} labels for {len(cells)} frames")
+    ncol = max(1, int(ncol))
+    nrow = math.ceil(len(cells) / ncol)
+    if row_labels is not None and len(row_labels) != nrow:
+        raise ValueError(f"{len(row_labels)} row labels for {nrow} rows")
+    pictures = [None if f is None else _sheet_picture(f, value_range, tile, resample) for f in cells]
+    w, h = next(p for p in pictures if p is not None).size
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    band = _band_height(measure, font)
+    # a row has a band for its column titles when one of its frames has a label
+    label_band = [band if labels is not None and any(labels[r * ncol : (r + 1) * ncol]) else 0
+                  for r in range(nrow)]
+    title_band = band if title else 0
+    names = [str(r) for r in row_labels] if row_labels is not None else []
+    left0 = _row_label_column(measure, font, names) + _SHEET_PAD
+    tops = [title_band + _SHEET_PAD + sum(label_band[:r]) + r * (h + _SHEET_PAD) for r in range(nrow + 1)]
+    pitch_x = w + _SHEET_PAD
+    sheet = Image.new("RGB", (left0 + ncol * pitch_x, tops[-1]), _SHEET_BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    for k, picture in enumerate(pictures):
+        r, c = divmod(k, ncol)
+        left, top = left0 + c * pitch_x, tops[r]
+        if picture is not None:
+            sheet.paste(picture, (left, top + label_band[r]))
+        if labels is not None and labels[k]:
+            text = _fit_text(measure, str(labels[k]), font, w)
+            x = left + (w - measure.textlength(text, font=font)) / 2
+            draw.text((x, top + 1), text, fill=_TEXT, font=font)
+    for r, name in enumerate(names):
+        if name:
+            draw.text((_SHEET_PAD, tops[r] + label_band[r] + (h - band) / 2), name, fill=_TEXT, font=font)
+    if title:
+        draw.text((_SHEET_PAD, 1), _fit_text(measure, title, font, sheet.width - 2 * _SHEET_PAD),
+                  fill=_TEXT, font=font)
+    return sheet
+
+
+def labelled_sheet_size(
+    nrow: int,
+    ncol: int,
+    tile: int | tuple[int, int],
+    *,
+    labelled_rows: int = 0,
+    row_labels: Sequence[str] | None = None,
+    title: str | None = None,
+) -> tuple[int, int]:
+    """(width, height) of a `labelled_sheet` of ``nrow`` x ``ncol`` frames of size ``tile``
+    (an int, or (height, width)) whose labels fill ``labelled_rows`` rows' bands."""
+    h, w = (tile, tile) if isinstance(tile, int) else tile
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    band = _band_height(measure, font)
+    names = [str(r) for r in row_labels] if row_labels is not None else []
+    width = _row_label_column(measure, font, names) + _SHEET_PAD + ncol * (w + _SHEET_PAD)
+    height = (band if title else 0) + _SHEET_PAD + labelled_rows * band + nrow * (h + _SHEET_PAD)
+    return width, height
+
+
+def _sheet_picture(frame: torch.Tensor, value_range: tuple[float, float],
+                   tile: int | tuple[int, int] | None, resample: Image.Resampling) -> Image.Image:
+    """One frame of a sheet as an RGB image (uint8 frames as they are), resized to ``tile``."""
+    if frame.dtype == torch.uint8:
+        arr = frame.detach().cpu().numpy()
+        arr = np.ascontiguousarray(arr.transpose(1, 2, 0)) if arr.ndim == 3 else arr
+    else:
+        arr = to_uint8(frame, value_range=value_range)
+    picture = Image.fromarray(arr).convert("RGB")
+    if tile is not None:
+        h, w = (tile, tile) if isinstance(tile, int) else tile
+        if picture.size != (w, h):
+            picture = picture.resize((w, h), resample)
+    return picture
+
+
+def _band_height(measure: ImageDraw.ImageDraw, font: Any) -> int:
+    """The height of a band of text (a title, a row's column titles)."""
+    return int(measure.textbbox((0, 0), "Agjy(|", font=font)[3]) + 4
+
+
+def _row_label_column(measure: ImageDraw.ImageDraw, font: Any, names: Sequence[str]) -> int:
+    """The width of the row labels' column (0 without row labels)."""
+    width = max((int(measure.textlength(r, font=font)) for r in names if r), default=-1) + 1
+    return width + 4 if width > 0 else 0
+
+
+def _fit_text(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
+    """``text``, or its longest prefix + "..." that is at most ``width`` pixels wide."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    for end in range(len(text) - 1, 0, -1):
+        short = text[:end].rstrip() + "..."
+        if draw.textlength(short, font=font) <= width:
+            return short
+    return ""

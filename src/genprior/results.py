@@ -10,8 +10,11 @@ Readers merge every ``rank*.jsonl`` (the world size may change between runs) and
 per id (`latest_rows`), so even rows written twice by a misuse (two runs on one folder at once)
 count once.
 
-`summarize` gives, for every numeric metric of the ``ok`` rows, the mean, the sample standard
-deviation and a 95% confidence interval of the mean from Student's t distribution.
+`summarize` gives, for every metric of the ``ok`` rows (and the final losses and the seconds per
+image), the mean, the sample standard deviation and a 95% confidence interval of the mean from
+Student's t distribution, clipped to the metric's range. Which columns are metrics, and their
+ranges, is known where the metrics are defined (``genprior.metrics.metric_range``, a layer
+above this module): callers pass it in.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import csv
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -212,8 +215,11 @@ class MetricStats:
     ci95_high: float
 
 
-def t_interval(values: Sequence[float], confidence: float = 0.95) -> MetricStats:
-    """Mean, sample std and the t confidence interval of the mean of ``values``."""
+def t_interval(values: Sequence[float], confidence: float = 0.95,
+               bounds: tuple[float, float] = (-math.inf, math.inf)) -> MetricStats:
+    """Mean, sample std and the t confidence interval of the mean of ``values``, the interval
+    clipped to ``bounds`` (the metric's range: the t-interval is symmetric, the metric may not
+    be, e.g. SSIM <= 1)."""
     n = len(values)
     if n == 0:
         nan = float("nan")
@@ -224,32 +230,60 @@ def t_interval(values: Sequence[float], confidence: float = 0.95) -> MetricStats
         return MetricStats("", n, mean, nan, nan, nan)
     std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
     half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
-    return MetricStats("", n, mean, std, mean - half, mean + half)
+    low, high = bounds
+    return MetricStats("", n, mean, std, max(mean - half, low), min(mean + half, high))
 
 
-def metric_names(rows: Iterable[dict[str, Any]]) -> list[str]:
-    """Numeric result fields of the ok rows (metrics, final losses, seconds), sorted."""
+#: What a result-row column is, for the summary: a metric (its range), or None.
+MetricRange = Callable[[str], "tuple[float, float] | None"]
+
+#: Columns summarised besides the metrics: the cost of an image (seconds, and the defense's
+#: purifier runs: counts, >= 0) and the last step's losses (``final_*``, unclipped: a
+#: method's objective may have terms of either sign).
+COST_RANGES: dict[str, tuple[float, float]] = {"seconds": (0.0, math.inf), "purifier_runs": (0.0, math.inf)}
+FINAL_LOSS_PREFIX = "final_"
+
+
+def metric_names(rows: Iterable[dict[str, Any]], ranges: MetricRange | None = None) -> list[str]:
+    """The summarised columns of the ok rows, sorted: with ``ranges``, the metrics (columns
+    ``ranges`` knows), ``final_*`` losses and the costs (``COST_RANGES``); without, every numeric field that is
+    not bookkeeping."""
     names: set[str] = set()
     for row in rows:
         if row.get("status") != "ok":
             continue
         for key, value in row.items():
-            if key in BOOKKEEPING_KEYS or isinstance(value, bool):
+            if key in BOOKKEEPING_KEYS or isinstance(value, bool) or not isinstance(value, int | float):
                 continue
-            if isinstance(value, int | float):
+            if ranges is None or _bounds(key, ranges) is not None:
                 names.add(key)
     return sorted(names)
 
 
-def summarize(rows: Sequence[dict[str, Any]]) -> list[MetricStats]:
-    """Statistics of every numeric metric over the ``ok`` rows (missing/null values skipped)."""
+def _bounds(column: str, ranges: MetricRange) -> tuple[float, float] | None:
+    if column in COST_RANGES:
+        return COST_RANGES[column]
+    if column.startswith(FINAL_LOSS_PREFIX):
+        return (-math.inf, math.inf)
+    return ranges(column)
+
+
+def summarize(rows: Sequence[dict[str, Any]], ranges: MetricRange | None = None) -> list[MetricStats]:
+    """Statistics of every summarised column over the ``ok`` rows (missing/null values skipped).
+
+    ``ranges`` (``genprior.metrics.metric_range``): which columns are metrics and their value
+    ranges. With it, config constants and per-image facts (``z_number``, ``composing_layer``,
+    ``class``, ...) are left out and every interval is clipped to its metric's range; without
+    it, every numeric column is summarised, unclipped.
+    """
     ok = [r for r in rows if r.get("status") == "ok"]
     out = []
-    for name in metric_names(ok):
+    for name in metric_names(ok, ranges):
         values = [float(r[name]) for r in ok
                   if isinstance(r.get(name), int | float) and not isinstance(r.get(name), bool)
                   and math.isfinite(float(r[name]))]
-        stats = t_interval(values)
+        bounds = (-math.inf, math.inf) if ranges is None else _bounds(name, ranges)
+        stats = t_interval(values, bounds=bounds or (-math.inf, math.inf))
         stats.metric = name
         out.append(stats)
     return out

@@ -58,10 +58,16 @@ __all__ = [
     "FORMAT_VERSION",
     "SavedReconstruction",
     "SavedReconstructionError",
+    "check_header",
+    "describe_weights",
+    "field_problems",
     "file_sha256",
+    "plain_config",
+    "read_payload",
     "resolve_saved_path",
     "state_fingerprint",
     "weights_identity",
+    "write_payload",
 ]
 
 FORMAT = "genprior.reconstruction"
@@ -70,6 +76,7 @@ FILE_NAME = "reconstruction.pt"
 # Prior config keys that decide the generator's architecture: they must match to load a file.
 ARCH_KEYS = ("kind", "resolution", "G_ch", "dim_z", "shared_dim", "n_classes")
 _WRITERS = "train.py with output.save_G=true, or task=jitter / morphing / category_transfer"
+_WHAT = "saved reconstruction"
 
 
 class SavedReconstructionError(ValueError, UserError):
@@ -123,12 +130,58 @@ def weights_identity(prior: Mapping[str, Any], base_state: Mapping[str, Tensor])
     return identity
 
 
-def _describe_weights(identity: Mapping[str, Any]) -> str:
+def describe_weights(identity: Mapping[str, Any]) -> str:
     digest = str(identity.get("state_sha256", "?"))[:12]
     if identity.get("source") == "random":
         return f"random init with prior.init_seed={identity.get('init_seed')} (state sha256 {digest}…)"
     where = identity.get("G_path", "an unrecorded file")
     return f"pretrained weights from {where} (state sha256 {digest}…)"
+
+
+# --------------------------------------------------------------------------------------------
+# Saved-fit files: one plain dict with a format/version header (shared with genprior.multicode)
+# --------------------------------------------------------------------------------------------
+
+
+def write_payload(payload: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write atomically (a temporary file, then a rename), so a crash leaves no half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(dict(payload), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_payload(path: Path, error_cls: type[Exception], what: str) -> Any:
+    """``torch.load(weights_only=True)`` on the CPU; any failure is one ``error_cls`` line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for bad files: report them alike
+        detail = " ".join(str(err).split())[:300]
+        raise error_cls(f"cannot read {what} {path} (corrupt, truncated or not a torch file): "
+                        f"{type(err).__name__}: {detail}") from err
+
+
+def check_header(payload: Any, where: str, fmt: str, version: int, error_cls: type[Exception],
+                 what: str, writers: str) -> None:
+    """The payload must be a dict of format ``fmt`` at a version up to ``version``."""
+    if not isinstance(payload, Mapping) or payload.get("format") != fmt:
+        found = (f"a dict with keys {sorted(map(str, payload))[:8]}"
+                 if isinstance(payload, Mapping) else type(payload).__name__)
+        raise error_cls(f"{where} is not a genprior {what} (expected format {fmt!r}, found "
+                        f"{found}); these files are written by {writers}")
+    found_version = payload.get("format_version")
+    if not isinstance(found_version, int) or found_version > version:
+        raise error_cls(f"{where} has format_version {found_version!r}; this genprior "
+                        f"({genprior.__version__}) reads versions up to {version}")
+
+
+def field_problems(payload: Mapping[str, Any], expect: Mapping[str, type]) -> list[str]:
+    """``key (missing)`` / ``key (a T, expected U)`` for every field not of its expected type."""
+    return [f"{k} (missing)" if k not in payload else
+            f"{k} (a {type(payload[k]).__name__}, expected {t.__name__})"
+            for k, t in expect.items() if k not in payload or not isinstance(payload[k], t)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,52 +256,24 @@ class SavedReconstruction:
         }
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write atomically (a temporary file, then a rename), so a crash leaves no half file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.to_payload(), tmp)
-        os.replace(tmp, path)
-        self.path = path
-        return path
+        self.path = write_payload(self.to_payload(), path)
+        return self.path
 
     # ---------------------------------------------------------------- reading
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SavedReconstruction:
         """Read and check the structure of a file (not yet against a prior: see ``check``)."""
         path = resolve_saved_path(path)
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises many types for bad files: report them alike
-            detail = " ".join(str(err).split())[:300]
-            raise SavedReconstructionError(
-                f"cannot read saved reconstruction {path} (corrupt, truncated or not a torch "
-                f"file): {type(err).__name__}: {detail}"
-            ) from err
-        return cls.from_payload(payload, path)
+        return cls.from_payload(read_payload(path, SavedReconstructionError, _WHAT), path)
 
     @classmethod
     def from_payload(cls, payload: Any, path: Path | None = None) -> SavedReconstruction:
-        where = str(path) if path is not None else "saved reconstruction"
-        if not isinstance(payload, Mapping) or payload.get("format") != FORMAT:
-            found = (f"a dict with keys {sorted(map(str, payload))[:8]}"
-                     if isinstance(payload, Mapping) else type(payload).__name__)
-            raise SavedReconstructionError(
-                f"{where} is not a genprior saved reconstruction (expected format {FORMAT!r}, "
-                f"found {found}); these files are written by {_WRITERS}"
-            )
-        version = payload.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise SavedReconstructionError(
-                f"{where} has format_version {version!r}; this genprior "
-                f"({genprior.__version__}) reads versions up to {FORMAT_VERSION}"
-            )
-        expect = {"image_id": str, "task": str, "class": int, "z": Tensor, "G_changed": Mapping,
-                  "prior": Mapping, "weights": Mapping, "use_in": bool, "in_initialized": list}
-        problems = [f"{k} (missing)" if k not in payload else
-                    f"{k} (a {type(payload[k]).__name__}, expected {t.__name__})"
-                    for k, t in expect.items()
-                    if k not in payload or not isinstance(payload[k], t)]
+        where = str(path) if path is not None else _WHAT
+        check_header(payload, where, FORMAT, FORMAT_VERSION, SavedReconstructionError, _WHAT,
+                     _WRITERS)
+        problems = field_problems(payload, {
+            "image_id": str, "task": str, "class": int, "z": Tensor, "G_changed": Mapping,
+            "prior": Mapping, "weights": Mapping, "use_in": bool, "in_initialized": list})
         z = payload.get("z")
         if isinstance(z, Tensor) and (z.dim() != 1 or not z.is_floating_point()):
             problems.append(f"z (shape {list(z.shape)} {z.dtype}, expected a 1-d float tensor)")
@@ -276,7 +301,7 @@ class SavedReconstruction:
             mine = ", ".join(f"{k}={self.prior.get(k)}" for k in diff)
             theirs = ", ".join(f"{k}={prior.get(k)}" for k in diff)
             raise SavedReconstructionError(
-                f"{self.path or 'saved reconstruction'} was fitted with prior "
+                f"{self.path or _WHAT} was fitted with prior "
                 f"{self.prior.get('name')!r} ({mine}), but this run builds prior "
                 f"{prior.get('name')!r} ({theirs}); run with prior={self.prior.get('name')} "
                 "(and the same prior.* overrides as the run that wrote it)"
@@ -286,7 +311,7 @@ class SavedReconstruction:
         self, base: Mapping[str, Tensor], weights: Mapping[str, Any], dim_z: int, n_classes: int
     ) -> None:
         """Keys, shapes, z, class and the digest of the pretrained state must all fit."""
-        where = self.path or "saved reconstruction"
+        where = self.path or _WHAT
         unknown = [k for k in self.changed if k not in base]
         # A floating-point tensor may come from a run of the other precision (state() casts it);
         # anything else must match exactly.
@@ -311,8 +336,8 @@ class SavedReconstruction:
         if self.weights.get("state_sha256") != weights.get("state_sha256"):
             raise SavedReconstructionError(
                 f"{where} was fitted from other generator weights: it records "
-                f"{_describe_weights(self.weights)}, but this run's generator is "
-                f"{_describe_weights(weights)}. Load the weights it was made with "
+                f"{describe_weights(self.weights)}, but this run's generator is "
+                f"{describe_weights(weights)}. Load the weights it was made with "
                 "(prior.G_path / prior.weights_dir / prior.init_seed / prior.use_ema)."
             )
 
@@ -347,6 +372,12 @@ def _plain(value: Any) -> Any:
     if value is None or isinstance(value, bool | int | float | str | Tensor):
         return value
     return str(value)
+
+
+def plain_config(value: Any) -> Any:
+    """Config values as the builtin types ``weights_only`` accepts (other saved formats use it:
+    genprior.multicode)."""
+    return _plain(value)
 
 
 def _listing(items: Sequence[str], limit: int = 6) -> str:

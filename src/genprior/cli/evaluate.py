@@ -37,20 +37,14 @@ from lightning.fabric.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from genprior import errors, tasks
+from genprior import datamodules, errors, tasks
 from genprior.callbacks import WandbReport
 from genprior.config import ConfigError, compose_or_exit, to_yaml
-from genprior.datamodules import (
-    ImageFolderDataModule,
-    ImageNetValDataModule,
-    ImageRecordDataModule,
-    LSUNDataModule,
-    sample_item,
-    select_shard,
-)
+from genprior.datamodules import ImageRecordDataModule, list_images, select_shard
 from genprior.image_io import safe_name
 from genprior.items import ImageItem
 from genprior.methods import Method, method_class
+from genprior.metrics import metric_range
 from genprior.results import (
     ResultsWriter,
     atomic_write_text,
@@ -73,7 +67,7 @@ log = logging.getLogger("genprior")
 # Config sections that decide an image's result: resuming into results made with other values
 # would mix two experiments, so it is refused (docs/evaluation.md, "Resume").
 RESULT_SECTIONS = ("prior", "task", "dgp", "dip", "mganprior", "manipulation", "metrics",
-                   "defense")
+                   "defense", "inversion", "mgan_edit")
 # ... except keys that only change what is displayed or saved along the way.
 DISPLAY_KEYS = frozenset({"dgp.print_interval", "dgp.save_interval", "dip.show_every"})
 
@@ -100,11 +94,16 @@ def run_evaluate(argv: Sequence[str]) -> int:
               "shell, or use trainer.strategy=ddp_spawn", file=sys.stderr)
         return 2
     try:
-        return int(fabric.launch(evaluate_rank, cfg) or 0)
+        return int(fabric.launch(evaluate_rank, cfg, "--dry-run" in argv) or 0)
     except errors.UserError as err:  # one line, no traceback (genprior.errors)
         if errors.debug_enabled():
             raise
         return errors.report("evaluate.py", err)
+    except OSError as err:  # a full disk, a quota, a read-only or forbidden output folder
+        error = errors.output_error(err)
+        if error is None or errors.debug_enabled():
+            raise
+        return errors.report("evaluate.py", error)  # the durable rows written so far stay
 
 
 def make_fabric(cfg: DictConfig) -> Fabric:
@@ -130,16 +129,29 @@ def make_fabric(cfg: DictConfig) -> Fabric:
     return fabric
 
 
-def evaluate_rank(fabric: Fabric, cfg: DictConfig) -> int:
-    """What every process runs: its shard of the unfinished images, then (rank 0) the summary."""
+def evaluate_rank(fabric: Fabric, cfg: DictConfig, dry_run: bool = False) -> int:
+    """What every process runs: its shard of the unfinished images, then (rank 0) the summary.
+    ``dry_run``: the up-front checks (method files, data), the subset printed, nothing run."""
     rank, world = int(fabric.global_rank), int(fabric.world_size)
     _quiet_lightning()
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     out = Path(cfg.output.dir)
     results_dir = out / str(cfg.eval.results)
 
-    # 2. the subset: the same listing on every rank
+    # 2. the subset: the same listing on every rank; the method (prior, VGG-16, ...) is built
+    # before anything is written or the W&B run starts: a missing data or weights file ends
+    # the run with its one-line error first
     source, subset = list_subset(cfg)
+    method = tasks.build_method(cfg) if subset else None
+    if dry_run:
+        if rank == 0:
+            print(f"evaluate.py --dry-run: config, data and the files of {cfg.prior.name} are in "
+                  f"order; {len(subset)} image(s) in the subset, results would go to {results_dir}")
+            for item in subset[:50]:
+                print(f"  {item.id}  {item.path}")
+            if len(subset) > 50:
+                print(f"  ... and {len(subset) - 50} more")
+        return 0
 
     # 3. rank 0 decides what is finished; an error there stops every rank, not only rank 0
     state = fabric.broadcast(decide_finished(cfg, out, results_dir, subset_ids(subset)), src=0)
@@ -154,9 +166,6 @@ def evaluate_rank(fabric: Fabric, cfg: DictConfig) -> int:
     print(f"genprior evaluate [rank {rank}/{world}]: {len(subset)} image(s) in the subset, "
           f"{len(finished)} finished before, {len(todo)} to do, {len(shard)} on this rank "
           f"({fabric.device})", flush=True)
-    # the method (prior, VGG-16, ...) is built before the W&B run starts: a missing file ends
-    # the run with its one-line error before anything is logged
-    method = tasks.build_method(cfg) if shard else None
     report = WandbReport(cfg, out, results_dir, set(subset_ids(subset)))
     report.start(total=len(subset))
     if shard:
@@ -164,7 +173,13 @@ def evaluate_rank(fabric: Fabric, cfg: DictConfig) -> int:
                   report, method)
 
     # 5. merge and summarise on rank 0 once every rank is done
-    fabric.barrier()
+    try:
+        fabric.barrier()
+    except RuntimeError as err:  # gloo/NCCL: a rank died (e.g. its node) or the timeout passed
+        print(f"evaluate.py [rank {rank}]: another rank stopped before the end, so no summary: "
+              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}; this rank's "
+              "rows are saved: run the same command again to finish", file=sys.stderr, flush=True)
+        return 1
     code = finish(cfg, out, results_dir, subset, finished, report)  # rank 0's; None elsewhere
     fabric.barrier()
     return int(code or 0)
@@ -181,66 +196,20 @@ def list_subset(cfg: DictConfig) -> tuple[ImageRecordDataModule | None, list[Ima
     The subset is computed on the full listing (never on what is left), then ``data.limit``
     keeps its first N: so a resumed run sees the same subset.
     """
-    dm = build_datamodule(cfg)
-    if dm is None:
-        items = [ImageItem("astronaut", "skimage.data.astronaut", int(cfg.data.class_id))]
-    else:
-        try:
-            items = dm.select_items()
-        except (FileNotFoundError, ValueError) as err:
-            raise SystemExit(f"evaluate.py: data error: {err}") from None
-    if cfg.data.limit is not None:
-        items = items[: int(cfg.data.limit)]
-    return dm, items
+    return list_images(cfg, method_class(str(cfg.prior.kind)))  # one-line UserErrors
 
 
 def build_datamodule(cfg: DictConfig) -> ImageRecordDataModule | None:
-    """The datamodule ``data.kind`` names (rank 0 of 1: evaluate shards the list itself),
-    preparing images as the configured method wants them (its ``image_size``, its
-    ``preprocessing`` unless ``data.preprocessing`` says otherwise)."""
-    d = cfg.data
-    kind = str(d.kind)
-    if kind == "auto" and str(d.source) == "sample":
-        return None
-    method = method_class(str(cfg.prior.kind))
-    spec = OmegaConf.to_container(d.subset, resolve=True)
-    subset = {k: v for k, v in spec.items() if v is not None} or None  # type: ignore[union-attr]
-    common: dict[str, Any] = {"subset": subset, "num_workers": int(d.num_workers), "rank": 0,
-                              "world_size": 1}
-    # "dgp" is every datamodule's default recipe except LSUN's, whose default is PGGAN's (how
-    # those training sets were made): a DGP run keeps each datamodule's own default.
-    preprocessing = d.preprocessing or (None if method.preprocessing == "dgp" else method.preprocessing)
-    if preprocessing is not None:
-        common["preprocessing"] = str(preprocessing)
-    # the DGP recipe's BigGAN is class-conditional: a class outside its range is an image's error
-    n_classes = int(cfg.prior.n_classes) if method.preprocessing == "dgp" else None
-    resolution = method.image_size(cfg)
-    if kind in ("auto", "image", "folder", "list"):
-        return ImageFolderDataModule(
-            str(d.source), resolution, root=d.root, kind=kind, default_class=int(d.class_id),
-            n_classes=n_classes, **common,
-        )
-    if kind == "imagenet_val":
-        return ImageNetValDataModule(
-            str(d.root or ""), resolution, labels=d.labels, devkit_meta=d.devkit_meta,
-            n_classes=n_classes, **common,
-        )
-    if kind == "lsun":
-        if not d.lmdb:
-            raise SystemExit("evaluate.py: data.kind=lsun needs data.lmdb=<category>_<split>_lmdb")
-        return LSUNDataModule(str(d.lmdb), resolution, **common)
-    raise SystemExit(f"evaluate.py: config error: data.kind must be auto, image, folder, list, "
-                     f"imagenet_val or lsun, got {kind!r}")
+    """The datamodule ``data.kind`` names, for the configured method (genprior.datamodules:
+    train.py and evaluate.py read ``data.*`` the same way)."""
+    return datamodules.build_datamodule(cfg, method_class(str(cfg.prior.kind)))
 
 
 def image_reader(cfg: DictConfig, source: ImageRecordDataModule | None,
                  items: list[ImageItem]) -> Callable[[ImageItem], ImageItem]:
     """How the engine reads an item of ``items`` when its batch comes up (the datamodule's
     dataset; the embedded sample is prepared as train.py prepares it)."""
-    if source is not None:
-        return source.make_dataset(items).read
-    method = method_class(str(cfg.prior.kind))
-    return lambda item: sample_item(method.image_size(cfg), method.preprocessing, item.class_id)
+    return datamodules.image_reader(cfg, method_class(str(cfg.prior.kind)), source, items)
 
 
 # ------------------------------------------------------------------------------- results
@@ -361,7 +330,8 @@ def fit_shard(cfg: DictConfig, source: ImageRecordDataModule | None, shard: list
 def _brief(row: dict[str, Any]) -> str:
     if row.get("status") != "ok":
         return f"FAILED - {row.get('error')}"
-    parts = [f"{k} {row[k]:.4g}" for k in ("psnr", "ssim", "lpips") if isinstance(row.get(k), float)]
+    parts = [f"{k} {row[k]:.4g}" for k in ("psnr", "psnr_hole", "ssim", "ssim_hole", "lpips")
+             if isinstance(row.get(k), float)]
     if isinstance(row.get("seconds"), float):
         parts.append(f"{row['seconds']:.1f} s")
     return ", ".join(parts) or "ok"
@@ -385,7 +355,7 @@ def finish(cfg: DictConfig, out: Path, results_dir: Path, subset: list[ImageItem
         "this_run": len(rows) - len(finished_before),
         "missing": len(subset) - len(rows),
     }
-    stats = summarize(rows)
+    stats = summarize(rows, metric_range)  # metrics, final losses, seconds; CIs in range
     title = f"{cfg.prior.name} / {cfg.task.name} on {len(subset)} image(s)"
     markdown = write_summary_files(out, stats, counts, title)
     print("\n" + markdown, flush=True)
@@ -410,8 +380,10 @@ def finish(cfg: DictConfig, out: Path, results_dir: Path, subset: list[ImageItem
 
 
 def _quiet_lightning() -> None:
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*GPU available but not used.*")
-    warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
+    # only where Lightning warns, as engine.make_trainer does: the same words from any other
+    # library still show
+    for pattern in (".*does not have many workers.*", ".*GPU available but not used.*",
+                    ".*module\\(s\\) in eval mode.*"):
+        warnings.filterwarnings("ignore", pattern, module="lightning")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)

@@ -47,6 +47,7 @@ from genprior import tasks
 from genprior.cli.evaluate import image_reader, list_subset
 from genprior.cli.train import write_results
 from genprior.config import ConfigError, compose, to_yaml
+from genprior.errors import UserError
 from genprior.results import summarize
 
 __all__ = ["Sweep", "SweepError", "load_sweep", "metric_value", "run_sweep", "sweep_main"]
@@ -184,8 +185,8 @@ def run_trial(sweep: Sweep, trial: optuna.Trial, overrides: Sequence[str], base_
         if sweep.program == "evaluate.py":  # evaluate.py's images: its data presets and subset
             try:
                 source, items = list_subset(cfg)
-            except SystemExit as err:  # evaluate.py's one-line data error
-                raise SweepError(str(err.code)) from None
+            except UserError as err:  # evaluate.py's one-line data error
+                raise SweepError(str(err)) from None
             rows = tasks.run(cfg, out, items=items, read=image_reader(cfg, source, items))
         else:
             rows = tasks.run(cfg, out)

@@ -5,8 +5,9 @@ the image as dimension 0). The engine (genprior.engine) drives it:
 
 1. ``start(batch)``: the images' set-up (observations, per-image tensors, latents);
 2. ``make_optimizer(fused)``: one per-image optimizer over those tensors (genprior.optim);
-3. per step (engine.step): ``step_lrs()`` and ``step_masks()`` for the optimizer, ``loss()``,
-   backward, ``before_optimizer_step()``, the update, ``end_step(record)`` (stage control);
+3. per step (engine.step): ``step_lrs()`` and ``step_masks()`` for the optimizer, then
+   ``optimizer_step(optimizer, evaluate)`` (by default: ``evaluate`` = zero_grad, ``loss()``,
+   backward, ``before_optimizer_step()``; then the update), ``end_step(record)`` (stage control);
 4. when ``progress.all_done()``: the results (``final_output``, ``metrics``, the ``display``
    images, ``extra_images``, ``observation_metrics``, ``image_info``).
 
@@ -16,6 +17,7 @@ that moves it (stage ends, early stops).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -158,6 +160,19 @@ class Method(nn.Module):
 
     def before_optimizer_step(self) -> None:
         """After backward, before the update (DIP's backtracking restores weights here)."""
+
+    def optimizer_step(self, optimizer: StackedOptimizer, evaluate: Callable[[], Tensor]) -> None:
+        """The update of one step. ``evaluate`` is the step's closure (zero_grad, ``loss``,
+        backward, ``before_optimizer_step``; returns the loss); the default evaluates once and
+        steps ``optimizer``. A method whose optimizer evaluates the closure itself (DIP's
+        L-BFGS) overrides this; every ``evaluate`` call is one record for the loggers."""
+        evaluate()
+        optimizer.step()
+
+    def max_batch_size(self) -> int | None:
+        """The most images this method's settings can fit at once (engine.choose_batch_size
+        caps ``trainer.batch_size`` with it); None: no limit."""
+        return None
 
     def end_step(self, record: StepRecord) -> list[bool]:
         """Stage control after a step: returns, per image, whether a stage ended."""

@@ -50,13 +50,16 @@ from genprior.priors.registry import build_biggan
 __all__ = ["DGP", "DGP_TASKS", "DGPConfig", "DGPStepRecord", "Stage", "group_lrs"]
 
 # Task name -> (degradation for build_degradation, metric convention of SPEC §8 or None).
+# The reference scores hybrid not at all (SPEC §9); genprior scores it like the others, against
+# the clean image, the whole image (no Lab recombination: the observation has no full-size L)
+# and its hole.
 DGP_TASKS: dict[str, tuple[str, str | None]] = {
     "reconstruct": ("identity", "reconstruct"),
     "defence": ("identity", None),
     "colorization": ("colorization", "colorization"),
     "inpainting": ("inpainting", "inpainting"),
     "sr": ("sr", "sr"),
-    "hybrid": ("hybrid", None),
+    "hybrid": ("hybrid", "hybrid"),
     "random_mask": ("random_mask", "random_mask"),
     "mask_image": ("mask_image", "mask_image"),
     # Manipulation tasks fit the clean image, then edit it (tasks/manipulation.py, SPEC §9).
@@ -64,6 +67,8 @@ DGP_TASKS: dict[str, tuple[str, str | None]] = {
     "morphing": ("identity", None),
     "category_transfer": ("identity", None),
 }
+# Tasks with a hole: scored on the whole image and on the hole (psnr_hole, ssim_hole).
+HOLE_TASKS = ("inpainting", "hybrid")
 
 
 # ------------------------------------------------------------------------------ the settings
@@ -494,15 +499,25 @@ class DGP(Method):
 
     @torch.no_grad()
     def metrics(self, x: Tensor) -> dict[str, Tensor]:
-        """SPEC §8 metrics of x against the clean image (per image, [B])."""
+        """SPEC §8 metrics of x against the clean image (per image, [B]).
+
+        genprior's naming rule (docs/degradations_and_metrics.md): ``psnr``/``ssim`` are always
+        the whole image and ``psnr_hole``/``ssim_hole`` the hole only. The reference's
+        inpainting ``psnr``/``ssim`` (the hole crop, DGP Table 2) are ``psnr_hole``/``ssim_hole``.
+        """
         if self.metric_task is None:
             return {"mse_loss_origin": (x - self.target_origin).pow(2).flatten(1).mean(1) / 4,
                     "l1_loss_origin": (x - self.target_origin).abs().flatten(1).mean(1) / 2}
-        hole = self.degradation.metric_box(*x.shape[-2:]) if self.metric_task == "inpainting" else None
         # In the run's dtype, as the reference hands float32 (float64 runs: float64) to skimage.
-        out = restoration_metrics(x.detach(), self.target_origin, self.metric_task,
-                                  hole_box=hole, ssim_data_range=self.ssim_data_range)
-        return {k: v for k, v in out.items() if k not in IMAGE_KEYS}
+        whole = "reconstruct" if self.metric_task in HOLE_TASKS else self.metric_task
+        out = restoration_metrics(x.detach(), self.target_origin, whole, ssim_data_range=self.ssim_data_range)
+        out = {k: v for k, v in out.items() if k not in IMAGE_KEYS}
+        if self.metric_task in HOLE_TASKS:
+            box = self.degradation.metric_box(*x.shape[-2:])
+            hole = restoration_metrics(x.detach(), self.target_origin, "inpainting", hole_box=box,
+                                       ssim_data_range=self.ssim_data_range)
+            out.update(psnr_hole=hole["psnr"], ssim_hole=hole["ssim"])
+        return out
 
     @torch.no_grad()
     def extra_images(self, x: Tensor, b: int) -> dict[str, Tensor]:

@@ -1,8 +1,9 @@
 """Deep Image Prior (Ulyanov, Vedaldi and Lempitsky, CVPR 2018), for B images at a time.
 
-DIP restores an image by fitting a randomly initialised ``skip`` network f so that the degraded
-output A(f(z)) matches the observation: the network's structure is the prior, and there are no
-pretrained weights. Every image has its own network (stacked parameters, see
+DIP restores an image by fitting a randomly initialised network f (``dip.net_type``: the
+``skip`` encoder-decoder by default; UNet, ResNet, texture_nets, the library hourglasses, see
+``genprior.priors.dip_archs``) so that the degraded output A(f(z)) matches the observation: the
+network's structure is the prior, and there are no pretrained weights. Every image has its own network (stacked parameters, see
 ``genprior.priors.dip_nets.StackedNets``) and its own fixed input z. One optimisation step, as
 the notebooks' closure does it and as this file writes it from the top (genprior.engine.step
 calls these in this order; SPEC §6, §8):
@@ -51,16 +52,19 @@ from torch import Tensor, nn
 
 from genprior.color import ycbcr_recombine
 from genprior.degradations import MGANPRIOR_GRAY_WEIGHTS, CenterSquareMask, Gray, center_hole_box
+from genprior.errors import InvalidSettingError
 from genprior.items import ImageBatch, StepRecord, image_generator
 from genprior.methods.base import Method, Progress
 from genprior.metrics import psnr, ssim
-from genprior.optim import PerImageAdam
+from genprior.optim import PerImageAdam, StackedOptimizer
 from genprior.precision import run_dtype
+from genprior.priors.dip_archs import ResNet, UNet, hourglass, net_output_size, texture_nets
 from genprior.priors.dip_nets import (
     Downsampler,
     StackedNets,
     get_noise,
     skip,
+    skip_kwargs_from,
     skip_output_size_for,
     to_dtype,
     tv_loss,
@@ -107,6 +111,10 @@ _Z_BEFORE_NET_TASKS = ("super_resolution",)
 DTYPES = (torch.float32, torch.float64)
 # dip.mask_shape: inpainting's mask from task.mask_path, or a generated centre hole
 MASK_SHAPES = ("file", "dgp_center_hole", "center_square")
+# dip.net_type (skip_depthN: N = 1…6), dip.opt_over and dip.optimizer (SPEC §4, §7.5)
+DIP_NET_TYPES = ("skip", "skip_depthN", "UNet", "ResNet", "texture_nets")
+OPT_OVER = ("net", "net,input")
+OPTIMIZERS = ("adam", "lbfgs")
 
 
 @dataclass
@@ -129,6 +137,10 @@ class DIPConfig:
     input_var: float = 0.1
     reg_noise_std: float = 1.0 / 30.0  # σ_p of the per-step input perturbation
 
+    # The network (SPEC §3, §4): skip (the fields below) | skip_depth1…6 (the library notebook's
+    # hourglass; pad, act_fun, upsample_mode[0]) | UNet | ResNet | texture_nets (their options
+    # further down; pad, act_fun, need_sigmoid, need_bias shared). docs/dip.md.
+    net_type: str = "skip"
     # skip network (SPEC §3.1); num_input/output_channels come from z and the observation
     num_channels_down: list[int] = field(default_factory=lambda: [128] * 5)
     num_channels_up: list[int] = field(default_factory=lambda: [128] * 5)
@@ -143,6 +155,34 @@ class DIPConfig:
     downsample_mode: list[str] = field(default_factory=lambda: ["stride"])
     act_fun: str = "LeakyReLU"
     need1x1_up: bool = True
+    # UNet (SPEC §4; defaults: the library notebook's alternative, §8.4)
+    unet_feature_scale: int = 8
+    unet_more_layers: int = 1
+    unet_concat_x: bool = False
+    unet_upsample_mode: str = "deconv"  # deconv | bilinear | nearest
+    unet_norm: str = "instance"  # instance | batch | none
+    # ResNet (SPEC §4; defaults: the library notebook's alternative)
+    resnet_num_blocks: int = 8
+    resnet_num_channels: int = 32
+    resnet_need_residual: bool = True
+    resnet_norm: str = "batch"  # batch | instance | none
+    # texture_nets (SPEC §4): avg-pool ratios of the branches, coarsest first; channels per branch
+    texture_ratios: list[int] = field(default_factory=lambda: [32, 16, 8, 4, 2, 1])
+    texture_conv_num: int = 8
+
+    # What is optimised and how (SPEC §7.5): OPT_OVER 'net' | 'net,input' (z too, per image);
+    # optimizer 'adam' | 'lbfgs' (lbfgs_adam_steps Adam steps at lbfgs_adam_lr, then L-BFGS at
+    # lr for num_iter iterations, one image at a time: trainer.batch_size 1)
+    opt_over: str = "net"
+    optimizer: str = "adam"
+    lbfgs_adam_steps: int = 100
+    lbfgs_adam_lr: float = 0.001
+
+    # task=dip_prior_samples (no fitting): the net_types drawn (rows of the sheet) and the seeds
+    # (columns); each sample is f(z) at initialisation, z the input above, at data.image_size
+    sample_nets: list[str] = field(default_factory=lambda: [
+        "skip", "skip_depth2", "skip_depth4", "skip_depth6", "UNet", "ResNet", "texture_nets"])
+    sample_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
 
     # Output averaging and backtracking (SPEC §8.1, §8.5)
     exp_weight: float | None = 0.99  # EMA weight; null: no averaging
@@ -177,32 +217,38 @@ class DIPConfig:
 
     def skip_kwargs(self, num_input_channels: int, num_output_channels: int) -> dict:
         """Keyword arguments of ``genprior.priors.dip_nets.skip`` for this run."""
-        n = len(self.num_channels_down)
+        return skip_kwargs_from(self, num_input_channels, num_output_channels, "dip")
 
-        def levels(values: list, name: str) -> list:
-            if len(values) == 1:
-                return list(values) * n
-            if len(values) != n:
-                raise ValueError(f"{name} needs 1 or {n} values, got {len(values)}")
-            return list(values)
+    def build_net(self, num_input_channels: int, num_output_channels: int,
+                  dtype: torch.dtype | None = None) -> nn.Module:
+        """The ``net_type`` network of this run, its weights drawn from the global RNG in
+        ``dtype`` (None: the default dtype), in the reference's construction order."""
+        t, cin, cout = self.net_type, num_input_channels, num_output_channels
+        if t == "skip":
+            return skip(**self.skip_kwargs(cin, cout), dtype=dtype)
+        depth = t[len("skip_depth"):]
+        if t.startswith("skip_depth") and depth.isdigit():
+            return hourglass(int(depth), cin, cout, self.pad, self.upsample_mode[0], self.act_fun, dtype)
+        if t == "UNet":
+            return UNet(cin, cout, self.unet_feature_scale, self.unet_more_layers, self.unet_concat_x,
+                        self.unet_upsample_mode, self.pad, self.unet_norm, self.need_sigmoid, self.need_bias, dtype)
+        if t == "ResNet":
+            return ResNet(cin, cout, self.resnet_num_blocks, self.resnet_num_channels, self.resnet_need_residual,
+                          self.act_fun, self.need_sigmoid, self.resnet_norm, self.pad, dtype)
+        if t == "texture_nets":
+            return texture_nets(cin, list(self.texture_ratios), self.pad, self.need_sigmoid, self.texture_conv_num,
+                                self.upsample_mode[0], cout, self.act_fun, dtype)
+        raise InvalidSettingError(f"dip.net_type must be one of {', '.join(DIP_NET_TYPES)}, got {t!r}")
 
-        return {
-            "num_input_channels": num_input_channels,
-            "num_output_channels": num_output_channels,
-            "num_channels_down": list(self.num_channels_down),
-            "num_channels_up": list(self.num_channels_up),
-            "num_channels_skip": list(self.num_channels_skip),
-            "filter_size_down": levels(self.filter_size_down, "filter_size_down"),
-            "filter_size_up": levels(self.filter_size_up, "filter_size_up"),
-            "filter_skip_size": self.filter_skip_size,
-            "need_sigmoid": self.need_sigmoid,
-            "need_bias": self.need_bias,
-            "pad": self.pad,
-            "upsample_mode": levels(self.upsample_mode, "upsample_mode"),
-            "downsample_mode": levels(self.downsample_mode, "downsample_mode"),
-            "act_fun": self.act_fun,
-            "need1x1_up": self.need1x1_up,
-        }
+    def check(self) -> None:
+        """Raises InvalidSettingError for a net_type, opt_over or optimizer DIP does not know."""
+        t = self.net_type
+        if not (t in DIP_NET_TYPES or (t.startswith("skip_depth") and t[len("skip_depth"):].isdigit())):
+            raise InvalidSettingError(f"dip.net_type must be one of {', '.join(DIP_NET_TYPES)}, got {t!r}")
+        if self.opt_over not in OPT_OVER:
+            raise InvalidSettingError(f"dip.opt_over must be one of {', '.join(OPT_OVER)}, got {self.opt_over!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise InvalidSettingError(f"dip.optimizer must be adam or lbfgs, got {self.optimizer!r}")
 
 
 PRESETS = (
@@ -215,6 +261,8 @@ PRESETS = (
     "inpainting_vase",
     "inpainting_kate",
     "inpainting_library",
+    "inpainting_library_unet",  # the notebook's UNet alternative (SPEC §8.4)
+    "inpainting_library_resnet",  # and its ResNet alternative
     "restoration_barbara",
     "restoration_kate",
     "flash_no_flash",
@@ -258,7 +306,9 @@ class DIP(Method):
         super().__init__()
         if dtype not in DTYPES:
             raise ValueError(f"DIP runs in float32 or float64 (trainer.precision 32-true or 64-true); got {dtype}")
+        settings.check()
         self.settings = settings
+        self.lbfgs: torch.optim.LBFGS | None = None  # optimizer='lbfgs', made when its stage starts
         self.dtype = dtype
         self.seed = int(seed)
         self.mask_path = mask_path
@@ -268,6 +318,12 @@ class DIP(Method):
     def from_config(cls, cfg: Any) -> DIP:
         """A DIP for ``cfg``: the ``dip`` section, the run's dtype and seed, ``task.mask_path``."""
         settings = DIPConfig(**OmegaConf.to_container(cfg.dip, resolve=True))  # type: ignore[arg-type]
+        batch = str(cfg.trainer.batch_size)
+        if settings.optimizer == "lbfgs" and batch != "auto" and batch.isdigit() and int(batch) > 1:
+            raise InvalidSettingError(
+                f"dip.optimizer=lbfgs fits one image at a time, got trainer.batch_size={batch}: L-BFGS's "
+                "line search and curvature history are global over all its parameters, so images in one "
+                "batch would be coupled; set trainer.batch_size=1 (or auto)")
         return cls(settings, dtype=run_dtype(cfg), seed=int(cfg.seed), mask_path=cfg.task.mask_path or None)
 
     @classmethod
@@ -280,12 +336,22 @@ class DIP(Method):
         return int(self.settings.show_every)
 
     def stage_lengths(self) -> list[int]:
+        if self.settings.optimizer == "lbfgs":  # SPEC §7.5: Adam warm-up, then num_iter L-BFGS iterations
+            return [int(self.settings.lbfgs_adam_steps), int(self.settings.num_iter)]
         return [int(self.settings.num_iter)]  # one stage: the notebooks' loop
+
+    def max_batch_size(self) -> int | None:
+        """1 with L-BFGS (its line search and history couple every parameter it is given)."""
+        return 1 if self.settings.optimizer == "lbfgs" else None
 
     # ============================================================== one step (SPEC §6, §8)
     def step_lrs(self) -> dict[str, Tensor]:
-        """1. Constant learning rate: no notebook uses a schedule (SPEC §7.5); 0 once done."""
-        return {"net": self.progress.active().to(torch.float64) * self.settings.lr}
+        """1. Constant learning rate: no notebook uses a schedule (SPEC §7.5); 0 once done.
+        With L-BFGS, its Adam warm-up runs at lbfgs_adam_lr (the reference's 0.001)."""
+        s = self.settings
+        lr = s.lbfgs_adam_lr if s.optimizer == "lbfgs" else s.lr
+        lrs = self.progress.active().to(torch.float64) * lr
+        return {"net": lrs, "input": lrs} if s.opt_over == "net,input" else {"net": lrs}
 
     def loss(self) -> tuple[Tensor, StepRecord, Tensor | None]:
         """2. Forward of all B images: the sum of their losses (each image's gradient is its
@@ -433,9 +499,34 @@ class DIP(Method):
 
     def make_optimizer(self, fused: bool = True) -> PerImageAdam:
         """Adam with the notebooks' defaults (betas (0.9, 0.999), eps 1e-8, no weight decay), one
-        per image, over the network weights only (OPT_OVER = 'net': z is never optimised)."""
-        return PerImageAdam([{"name": "net", "params": list(self.nets.parameters())}],
-                            batch_size=self.batch_size, betas=(0.9, 0.999), eps=1e-8, fused=fused)
+        per image, over the network weights (OPT_OVER 'net'), and z in its own group with
+        OPT_OVER 'net,input' (``get_params``, SPEC §7.5)."""
+        groups = [{"name": "net", "params": list(self.nets.parameters())}]
+        if self.settings.opt_over == "net,input":
+            groups.append({"name": "input", "params": [self.net_input_saved]})
+        return PerImageAdam(groups, batch_size=self.batch_size, betas=(0.9, 0.999), eps=1e-8, fused=fused)
+
+    def optimizer_step(self, optimizer: StackedOptimizer, evaluate: Callable[[], Tensor]) -> None:
+        """Adam: one evaluation, one update (the base class). L-BFGS stage (SPEC §7.5): one
+        iteration of ``torch.optim.LBFGS(lr, tolerance_grad=-1, tolerance_change=-1)`` with
+        ``evaluate`` as its closure, so every engine step is one function evaluation.
+
+        The reference makes one ``LBFGS(max_iter=num_iter).step(closure)`` call; here each step
+        is a ``step`` call with max_iter=1 on the same optimizer, whose history, direction and
+        step size persist in its state, so the evaluated points and updates are the same: with
+        these tolerances its only early exit is a direction with gradient·direction > 1, where
+        the reference stops and here the parameters stay put for the remaining steps.
+        """
+        s = self.settings
+        if s.optimizer != "lbfgs" or self.progress.current(0) == 0:
+            super().optimizer_step(optimizer, evaluate)
+            return
+        if self.lbfgs is None:
+            params = list(self.nets.parameters())
+            if s.opt_over == "net,input":
+                params.append(self.net_input_saved)
+            self.lbfgs = torch.optim.LBFGS(params, lr=s.lr, max_iter=1, tolerance_grad=-1, tolerance_change=-1)
+        self.lbfgs.step(evaluate)
 
     # ============================================================== a new batch
     def start(self, batch: ImageBatch) -> None:
@@ -536,10 +627,12 @@ class DIP(Method):
         b, c, h, w = observation.shape
         if len(ids) != b:
             raise ValueError(f"got {len(ids)} ids for {b} images")
+        if settings.optimizer == "lbfgs" and b > 1:
+            raise InvalidSettingError(f"dip.optimizer=lbfgs fits one image at a time, got a batch of {b} "
+                                      "(L-BFGS couples all its parameters); use trainer.batch_size=1")
         device, dtype = self.device, self.dtype
         factor = settings.sr_factor if task == "super_resolution" else 1
         out_h, out_w = h * factor, w * factor
-        check_input_size(out_h, out_w, settings)
         self.seeds = [self.seed] * b if seeds is None else [int(s) for s in seeds]
         if len(self.seeds) != b:
             raise ValueError(f"got {len(self.seeds)} seeds for {b} images")
@@ -561,6 +654,7 @@ class DIP(Method):
             if net_input is not None:
                 raise ValueError("net_input is only used with input_type 'image'")
             in_channels = settings.input_depth
+        check_input_size(out_h, out_w, settings, in_channels)
 
         # The one cast to the run's dtype (PSNRs compare in float64 anyway, SPEC §7.4).
         def cast(x: Tensor | None) -> Tensor | None:
@@ -579,8 +673,6 @@ class DIP(Method):
         # initial weights as the reference), in the notebook's order (_Z_BEFORE_NET_TASKS).
         # Weights and a noise z are drawn in float32 in every run (see the module docstring);
         # a meshgrid z and Lanczos kernels are computed, so a float64 run gets them unrounded.
-        kwargs = settings.skip_kwargs(in_channels, c)
-
         def draw_z() -> Tensor | None:
             if settings.input_type == "image":
                 return None
@@ -594,15 +686,22 @@ class DIP(Method):
                 torch.manual_seed(s)
                 z_first = task in _Z_BEFORE_NET_TASKS
                 z = draw_z() if z_first else None
-                net = to_dtype(skip(**kwargs, dtype=torch.float32), dtype)
+                net = to_dtype(settings.build_net(in_channels, c, dtype=torch.float32), dtype)
                 if not z_first:
                     z = draw_z()
             built[s] = (net, z)
         self.nets = StackedNets([built[s][0] for s in self.seeds], settings.batched_forward).to(device)
         if net_input is None:
             net_input = torch.cat([built[s][1] for s in self.seeds])  # type: ignore[misc]
-        # net_input_saved of the notebooks: never modified, never optimised (OPT_OVER = 'net').
-        self.register_buffer("net_input_saved", cast(net_input))
+        # net_input_saved of the notebooks: fixed with OPT_OVER 'net'; with 'net,input' a
+        # per-image parameter ([B, C', H, W]) that Adam / L-BFGS update (make_optimizer).
+        for registry in (self._buffers, self._parameters):
+            registry.pop("net_input_saved", None)
+        if settings.opt_over == "net,input":
+            self.register_parameter("net_input_saved", nn.Parameter(cast(net_input)))
+        else:
+            self.register_buffer("net_input_saved", cast(net_input))
+        self.lbfgs = None
 
         if task == "super_resolution":
             # The model's forward operator: Lanczos2 (phase 0.5, replication pad), fixed. The
@@ -871,9 +970,26 @@ def bernoulli_mask(
     return (torch.rand((1, height, width), generator=generator) > keep_above).float()
 
 
-def check_input_size(height: int, width: int, settings: DIPConfig) -> None:
-    """Raise ValueError when the skip network of ``settings`` cannot map an H×W input to an H×W
-    output (SPEC §3.3: sizes must survive every ↓2 and ↑2; reflection pads need room)."""
+def check_input_size(height: int, width: int, settings: DIPConfig, in_channels: int | None = None) -> None:
+    """Raise ValueError when the network of ``settings`` cannot map an H×W input to an H×W
+    output (SPEC §3.3: sizes must survive every ↓2 and ↑2; reflection pads need room).
+
+    The skip network's size is computed (``skip_output_size``); the other types are run once on
+    the meta device (no weights drawn, no compute) with ``in_channels`` (default input_depth).
+    """
+    if settings.net_type != "skip":
+        channels = settings.input_depth if in_channels is None else in_channels
+        with torch.device("meta"):
+            net = settings.build_net(channels, 3)
+        try:
+            out = net_output_size(net, channels, height, width)
+        except ValueError as err:
+            raise ValueError(f"DIP's {settings.net_type} network: {err}") from None
+        if out != (height, width):
+            raise ValueError(
+                f"DIP's {settings.net_type} network maps a {height}×{width} (H×W) image to {out[0]}×{out[1]}; "
+                f"crop H and W to a multiple its downsampling survives (dip.crop_multiple)")
+        return
     levels = len(settings.num_channels_down)
     multiple = 2**levels
     advice = (

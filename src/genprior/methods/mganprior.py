@@ -127,7 +127,10 @@ class MGANConfig:
     vgg_loss_type: str = "L1"  # L1 | L2
     vgg_scale: float = 0.001  # hard-wired in the released VGG loss
     image_size: int = 256  # VGG input size (nearest resize)
-    vgg_weights: str | None = None  # local torchvision/timm VGG-16 file (needed when vgg_lambda > 0)
+    # local torchvision/timm VGG-16 file (needed when vgg_lambda > 0), or "random": a small
+    # seeded random-weight VGG-16 (1/8 widths, RANDOM_VGG_SEED) that needs no file, chosen by the
+    # tiny prior's preset (prior=pggan_tiny) for tests; never the default of a published prior
+    vgg_weights: str | None = None
     init_type: str = "Normal"  # z init: Normal (z ~ N(0, I)) | Zero
     alpha_init: float | None = None  # None: 1/z_number, as the code
     train_alpha: bool = True  # false with z_number=1: the single-latent-code baseline, x = G(z)
@@ -402,6 +405,32 @@ class MGANPrior(Method):
 # --------------------------------------------------------------------------------------------
 
 
+RANDOM_VGG_SEED = 0
+# VGG-16's features: convolutions (their output channels) and max-pools ("M"), each conv
+# followed by a ReLU, so that module indices match VGG16_LAYERS.
+_VGG16_PLAN = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+def random_vgg16_features(upto: int, width_divisor: int = 8, seed: int = RANDOM_VGG_SEED) -> nn.Sequential:
+    """VGG-16's ``features`` up to module ``upto`` (inclusive) with 1/``width_divisor`` of its
+    channels and seeded random weights (mganprior.vgg_weights=random): the perceptual term's
+    shape and cost without the ImageNet file, for the tiny test prior. Its values mean nothing."""
+    layers: list[nn.Module] = []
+    channels = 3
+    with torch.random.fork_rng(devices=[]):  # the run's own random stream is left as it was
+        torch.manual_seed(seed)
+        for entry in _VGG16_PLAN:
+            if entry == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                width = max(1, int(entry) // width_divisor)
+                layers += [nn.Conv2d(channels, width, kernel_size=3, padding=1), nn.ReLU(inplace=False)]
+                channels = width
+            if len(layers) > upto:
+                break
+    return nn.Sequential(*layers[: upto + 1]).eval()
+
+
 class VGGFeatureLoss(nn.Module):
     """The released VGGLoss (SPEC §3.2) per image: scale · mean|φ(x) − φ(y)| (or squared).
 
@@ -439,6 +468,8 @@ class VGGFeatureLoss(nn.Module):
     def from_file(cls, weights: str | Path | None, layer: str = "relu3_3", **kwargs: Any) -> VGGFeatureLoss:
         if layer not in VGG16_LAYERS:
             raise ValueError(f"unknown VGG-16 layer {layer!r}; valid: {sorted(VGG16_LAYERS)}")
+        if str(weights) == "random":
+            return cls(random_vgg16_features(VGG16_LAYERS[layer]), **kwargs)
         if weights is None or not Path(weights).is_file():
             what = "no VGG-16 weights given" if weights is None else f"VGG-16 weights file {weights} does not exist"
             raise MissingFileError(f"{what}. {VGG_WEIGHTS_HELP}")

@@ -8,7 +8,9 @@
   ``fit_niqe_model``);
 * ``classifier``: top-1/top-5 accuracy of a timm classifier (``topk_correct``,
   ``ClassifierAccuracy``, ``ImageClassifier``, ``build_classifier``);
-* ``base``: what they share (``ScoredMetric``, ``WeightsUnavailable``, image checks).
+* ``base``: what they share (``ScoredMetric``, ``WeightsUnavailable``, image checks);
+* ``ranges``: every metric's value range (``METRIC_RANGES``, ``metric_range``), which the
+  evaluation summary clips its confidence intervals to.
 
 Every per-image function returns ``Tensor[B]`` in float64. The papers' metrics beyond PSNR
 and SSIM (LPIPS, NIQE, classifier accuracy, colorization AuC) are also torchmetrics
@@ -72,6 +74,7 @@ from genprior.metrics.niqe import (
     niqe_features,
     niqe_gray,
 )
+from genprior.metrics.ranges import METRIC_RANGES, metric_range
 from genprior.metrics.restoration import (
     IMAGE_KEYS,
     METRIC_TASKS,
@@ -91,6 +94,7 @@ __all__ = [
     "EXTRA_METRICS",
     "IMAGE_KEYS",
     "LPIPS",
+    "METRIC_RANGES",
     "METRIC_TASKS",
     "NIQE",
     "REFERENCE_SSIM_DATA_RANGE",
@@ -113,6 +117,7 @@ __all__ = [
     "load_lpips_network",
     "lpips",
     "matlab_imresize_half",
+    "metric_range",
     "metric_status",
     "mse",
     "niqe",

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from genprior.errors import InvalidSettingError
+
 __all__ = [
     "Concat",
     "Downsampler",
@@ -41,11 +43,12 @@ __all__ = [
     "bn",
     "conv",
     "get_kernel",
-    "get_net",
     "get_noise",
     "skip",
+    "skip_kwargs_from",
     "skip_output_size",
     "skip_output_size_for",
+    "skip_recipe",
     "to_dtype",
     "tv_loss",
 ]
@@ -303,6 +306,41 @@ def _upsample(mode: str) -> nn.Upsample:
     raise ValueError(f"unknown upsample_mode {mode!r} (nearest, bilinear)")
 
 
+# skip()'s arguments that a method's config section sets under the same names; those in
+# _SKIP_PER_LEVEL are lists of one value (every level) or one value per level.
+_SKIP_SETTINGS = (
+    "num_channels_down", "num_channels_up", "num_channels_skip", "filter_size_down",
+    "filter_size_up", "filter_skip_size", "need_sigmoid", "need_bias", "pad", "upsample_mode",
+    "downsample_mode", "act_fun", "need1x1_up",
+)
+_SKIP_PER_LEVEL = ("filter_size_down", "filter_size_up", "upsample_mode", "downsample_mode")
+
+
+def skip_kwargs_from(settings: Any, num_input_channels: int, num_output_channels: int,
+                     section: str) -> dict[str, Any]:
+    """Keyword arguments of :func:`skip` from a config section (``dip``, ``inversion``) whose
+    fields carry skip's argument names; a field the section lacks keeps skip's default. A
+    per-level list of one value is repeated for every level; any other length but the number
+    of levels is refused (the message names ``<section>.<field>``)."""
+    n = len(settings.num_channels_down)
+    kwargs: dict[str, Any] = {"num_input_channels": num_input_channels,
+                              "num_output_channels": num_output_channels}
+    for name in _SKIP_SETTINGS:
+        if not hasattr(settings, name):
+            continue
+        value = getattr(settings, name)
+        if name in _SKIP_PER_LEVEL:
+            value = list(value)
+            if len(value) == 1:
+                value = value * n
+            elif len(value) != n:
+                raise InvalidSettingError(f"{section}.{name} needs 1 or {n} values, got {len(value)}")
+        elif name.startswith("num_channels_"):
+            value = list(value)
+        kwargs[name] = value
+    return kwargs
+
+
 # ---------------------------------------------------------------------------------------------
 # The skip network (SPEC §3)
 # ---------------------------------------------------------------------------------------------
@@ -396,9 +434,8 @@ def skip(
     return net
 
 
-def get_net(
+def skip_recipe(
     input_depth: int,
-    net_type: str = "skip",
     pad: str = "reflection",
     upsample_mode: str | Sequence[str] = "bilinear",
     n_channels: int = 3,
@@ -410,14 +447,13 @@ def get_net(
     downsample_mode: str | Sequence[str] = "stride",
     dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """The reference dispatcher ``models.get_net`` for the 'skip' type (SPEC §4): ints are
+    """The 'skip' branch of the reference dispatcher ``models.get_net`` (SPEC §4): ints are
     repeated ``num_scales`` times; sigmoid and bias always on; 1×1 up convs and 3×3 filters.
 
     The default arguments give the denoising/SR network of SPEC §3.4 (2,217,831 parameters).
-    UNet, ResNet and texture_nets are not implemented.
+    The dispatcher itself, over every type (skip, skip_depthN, UNet, ResNet, texture_nets,
+    identity), is ``genprior.priors.dip_archs.get_net``.
     """
-    if net_type != "skip":
-        raise ValueError(f"only net_type 'skip' is implemented, got {net_type!r}")
 
     def widths(v: int | Sequence[int]) -> list[int]:
         return [v] * num_scales if isinstance(v, int) else list(v)

@@ -66,7 +66,7 @@ __all__ = [
     "names",
 ]
 
-KINDS = ("biggan", "pggan", "dip")
+KINDS = ("biggan", "pggan", "dip", "tv")
 
 
 class UnknownPriorError(ValueError, UserError):
@@ -77,7 +77,8 @@ class UnknownPriorError(ValueError, UserError):
 class PriorSpec:
     """One named prior.
 
-    kind: the method that fits it ("biggan": DGP, "pggan": mGANprior, "dip": DIP).
+    kind: the method that fits it ("biggan": DGP, "pggan": mGANprior, "dip": DIP, "tv": the
+    TV-norm baseline of DIP's network inversion, methods/inversion.py).
     resolution: the generated image size; None for DIP, which works at the image's own size.
     kwargs: constructor kwargs of the generator (``Generator``, ``PGGANGenerator``; DIP:
     ``dip_nets.skip``, whose widths the DIP method sets per task).
@@ -199,6 +200,8 @@ REGISTRY: dict[str, PriorSpec] = {
         # DIP: an untrained network, no weights. kwargs {} are skip()'s defaults (the
         # reference's models/skip.py); the DIP method passes each task's widths (DIPConfig).
         PriorSpec("dip_skip", "dip", None, {}, summary="Deep Image Prior skip network, untrained"),
+        # Mahendran & Vedaldi's TV-norm prior: no network, the image's pixels are optimised
+        PriorSpec("tv", "tv", None, {}, summary="TV-norm prior (no network: the pixels are optimised)"),
     )
 }
 
@@ -248,8 +251,12 @@ def known_models(kind: str) -> KnownModels:
 
 def build(name: str, **overrides: Any) -> nn.Module:
     """The named prior's network (BigGAN or PGGAN generator, DIP ``skip`` net) with its
-    constructor's random init; ``overrides`` update the spec's constructor kwargs."""
+    constructor's random init; ``overrides`` update the spec's constructor kwargs. The TV prior
+    has no network (its method optimises the pixels): ValueError."""
     spec = get(name)
+    if spec.kind == "tv":
+        raise ValueError(f"prior {name!r} has no network: the TV-norm baseline optimises the image's "
+                         "pixels (methods/inversion.py)")
     factory: Callable[..., nn.Module] = {
         "biggan": Generator,
         "pggan": PGGANGenerator,

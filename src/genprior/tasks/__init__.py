@@ -14,9 +14,9 @@ from typing import Any
 from genprior.device import pick_device
 from genprior.methods import Method, build
 from genprior.perf import perf_settings, tune_cpu_malloc
-from genprior.tasks import defense, manipulation, restore
+from genprior.tasks import defense, inversion, manipulation, mgan_edit, prior_samples, restore
 
-__all__ = ["build_method", "defense", "manipulation", "restore", "run"]
+__all__ = ["build_method", "defense", "inversion", "manipulation", "mgan_edit", "prior_samples", "restore", "run"]
 
 
 def run(cfg: Any, out: Path, **kwargs: Any) -> list[dict[str, Any]]:
@@ -31,14 +31,24 @@ def run(cfg: Any, out: Path, **kwargs: Any) -> list[dict[str, Any]]:
         return defense.run(cfg, out, **kwargs)
     if task in manipulation.MANIPULATION_TASKS:
         return manipulation.run(cfg, out, **kwargs)
+    if task in mgan_edit.MGAN_EDIT_TASKS:  # mGANprior's edits (tasks/mgan_edit.py)
+        return mgan_edit.run(cfg, out, **kwargs)
+    if task in inversion.INVERSION_TASKS:  # DIP's network inversion (tasks/inversion.py)
+        return inversion.run(cfg, out, **kwargs)
+    if task in prior_samples.PRIOR_SAMPLE_TASKS:  # DIP's samples at initialisation (tasks/prior_samples.py)
+        return prior_samples.run(cfg, out, **kwargs)
     return restore.run(cfg, out, **kwargs)
 
 
 def build_method(cfg: Any) -> Method | None:
     """The method a restoration task fits with (``run(cfg, out, method=...)`` takes it), built
     before anything is logged so that a missing file or a wrong setting stops the run first;
-    None for the tasks that build their own (defense, manipulation)."""
+    None for the tasks that build their own (defense, manipulation, network inversion)."""
     task = str(cfg.task.name)
-    if task == "defense" or task in manipulation.MANIPULATION_TASKS:
+    if task == "defense" or task in manipulation.MANIPULATION_TASKS or task in inversion.INVERSION_TASKS:
+        return None
+    if task in mgan_edit.MGAN_EDIT_TASKS:
+        mgan_edit.MGANEdit.from_config(cfg)  # boundary files, layers, saved fits: before any output
+    if task in mgan_edit.MGAN_EDIT_TASKS or task in prior_samples.PRIOR_SAMPLE_TASKS:
         return None
     return build(cfg)

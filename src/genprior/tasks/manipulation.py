@@ -28,11 +28,8 @@ import functools
 import importlib.util
 import itertools
 import json
-import logging
 import math
 import re
-import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +49,14 @@ from genprior import engine
 from genprior.callbacks import SaveReconstructions
 from genprior.datamodules import load_items
 from genprior.device import pick_device
-from genprior.image_io import image_grid, safe_name, save_image
+from genprior.image_io import (
+    ImageLoadError,
+    labelled_sheet,
+    load_image,
+    safe_name,
+    save_image,
+    to_tensor,
+)
 from genprior.items import ImageItem, image_generator
 from genprior.methods import DGP
 from genprior.metrics import build_metrics
@@ -75,7 +79,6 @@ __all__ = [
 ]
 
 MANIPULATION_TASKS = ("jitter", "morphing", "category_transfer")
-log = logging.getLogger("genprior")
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,10 +270,30 @@ def _display(x: Tensor) -> Tensor:
     return ((x.detach().float().cpu() + 1) / 2).clamp(0, 1)
 
 
-def _sheet(images: Sequence[Tensor], path: Path, ncol: int) -> Path:
-    grid = image_grid([_display(x) for x in images], ncol=ncol, normalize=False)
-    save_image(grid, path, value_range=(0.0, 1.0))
+def _sheet(images: Sequence[Tensor | None], path: Path, ncol: int, labels: Sequence[str] | None = None,
+           row_labels: Sequence[str] | None = None, title: str | None = None) -> Path:
+    """A labelled sheet of [-1, 1] images (None: an empty cell), written as ``save_image`` would."""
+    frames = [None if x is None else _display(x) for x in images]
+    labelled_sheet(frames, ncol, labels=labels, row_labels=row_labels, title=title).save(path)
     return path
+
+
+def _target(f: Fitted) -> Tensor | None:
+    """The clean image a fit was made from (its ``target.png`` beside ``reconstruction.pt``,
+    written by the fit), in [-1, 1]; None when there is none or it has another size."""
+    path = f.path.parent / "target.png" if f.path is not None else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        return to_tensor(load_image(path))
+    except ImageLoadError:  # a sheet without its target column is still a sheet
+        return None
+
+
+def _first_row(recon: Tensor, target: Tensor | None) -> tuple[list[Tensor], list[str]]:
+    if target is None or target.shape != recon.shape:
+        return [recon], ["reconstruction"]
+    return [recon, target.to(recon.dtype)], ["reconstruction", "target"]
 
 
 def _uint8(x: Tensor) -> np.ndarray:
@@ -280,12 +303,24 @@ def _uint8(x: Tensor) -> np.ndarray:
 
 
 def write_jitter(folder: Path, recon: Tensor, images: Tensor, stds: Sequence[float],
-                 per_row: int) -> dict[str, str]:
-    """``jitter/std<s>_<k>.png`` and ``jitters.png`` (the reconstruction, then every jitter)."""
+                 per_row: int, target: Tensor | None = None, title: str | None = None) -> dict[str, str]:
+    """``jitter/std<s>_<k>.png`` and ``jitters.png``: the reconstruction (and the clean image
+    when there is one), then one block of rows per std (its samples ``per_row`` to a row,
+    labelled "std s")."""
     for s, std in enumerate(stds):
         for k in range(images.shape[1]):
             save_image(images[s, k], folder / "jitter" / f"std{float(std):g}_{k}.png")
-    sheet = _sheet([recon, *images.flatten(0, 1)], folder / "jitters.png", per_row)
+    first, labels = _first_row(recon, target)
+    ncol = max(1, min(int(per_row), images.shape[1]), len(first))
+    cells: list[Tensor | None] = [*first, *[None] * (ncol - len(first))]
+    row_labels = [""]
+    for s, std in enumerate(stds):
+        rows = math.ceil(images.shape[1] / ncol)
+        block = list(images[s])
+        cells += [*block, *[None] * (rows * ncol - len(block))]
+        row_labels += [f"std {float(std):g}"] + [""] * (rows - 1)
+    cell_labels = [*labels, *[""] * (len(cells) - len(labels))]
+    sheet = _sheet(cells, folder / "jitters.png", ncol, labels=cell_labels, row_labels=row_labels, title=title)
     return {"sheet": str(sheet), "images": str(folder / "jitter")}
 
 
@@ -294,8 +329,10 @@ def write_morph(folder: Path, frames: Tensor, frame_ms: int, bounce: bool,
     """``morph/001.png``…, the sheet ``morphing.png``, ``morphing.gif`` and maybe ``.mp4``."""
     for k, frame in enumerate(frames):
         save_image(frame, folder / "morph" / f"{k + 1:03d}.png")
-    out = {"frames": str(folder / "morph"),
-           "sheet": str(_sheet(list(frames), folder / "morphing.png", len(frames)))}
+    lambdas = [k / max(1, len(frames) - 1) for k in range(len(frames))]
+    sheet = _sheet(list(frames), folder / "morphing.png", len(frames),
+                   labels=[f"lambda {lam:.2g}" for lam in lambdas])
+    out = {"frames": str(folder / "morph"), "sheet": str(sheet)}
     pictures = [_uint8(f) for f in frames]
     if bounce and len(pictures) > 2:
         pictures = pictures + pictures[-2:0:-1]
@@ -314,9 +351,10 @@ def write_morph(folder: Path, frames: Tensor, frame_ms: int, bounce: bool,
     return out
 
 
-def write_categories(folder: Path, recon: Tensor, images: Tensor,
-                     classes: Sequence[int]) -> dict[str, str]:
-    """``categories/class<c>.png``, ``categories.png`` (the reconstruction first) and a legend."""
+def write_categories(folder: Path, recon: Tensor, images: Tensor, classes: Sequence[int],
+                     target: Tensor | None = None, title: str | None = None) -> dict[str, str]:
+    """``categories/class<c>.png``, ``categories.png`` (the reconstruction and the clean image
+    first, every transfer labelled "<c> <name>") and the legend ``categories.json``."""
     names = {}
     for c, x in zip(classes, images):
         save_image(x, folder / "categories" / f"class{c}.png")
@@ -325,8 +363,12 @@ def write_categories(folder: Path, recon: Tensor, images: Tensor,
         except (ValueError, IndexError):
             names[str(c)] = ""
     (folder / "categories.json").write_text(json.dumps(names, indent=1))
-    n = len(classes) + 1
-    sheet = _sheet([recon, *images], folder / "categories.png", max(1, math.isqrt(n)))
+    first, labels = _first_row(recon, target)
+    # the first synonym of the ImageNet description ("tench, Tinca tinca" -> "tench")
+    labels += [f"{c} {names[str(c)].split(',')[0]}".strip() for c in classes]
+    n = len(classes) + len(first)
+    sheet = _sheet([*first, *images], folder / "categories.png", max(1, math.isqrt(n)), labels=labels,
+                   title=title)
     return {"sheet": str(sheet), "images": str(folder / "categories"),
             "legend": str(folder / "categories.json")}
 
@@ -392,23 +434,13 @@ class Manipulation:
 
     def edit(self, prior: FittedPrior, paths: list[Path], out: Path, loggers: Sequence[Any]) -> dict[str, Any]:
         """One edit's row; its files go to ``<out>/<id>/`` (id: the image ids joined by _)."""
-        start = time.perf_counter()
-        row: dict[str, Any] = {"id": "_".join(p.parent.name for p in paths), "task": self.task,
-                               "path": ",".join(str(p) for p in paths)}
-        try:
+        with engine.edit_row(self.task, paths) as row:
             fitted = [prior.load(p) for p in paths]
             row["id"] = "_".join(safe_name(f.image_id) for f in fitted)
             row["class"] = [f.class_id for f in fitted] if len(fitted) > 1 else fitted[0].class_id
             row["outputs"] = self.write(prior, fitted, out / row["id"], loggers)
-            row["status"] = "ok"
             if "mp4_skipped" in row["outputs"]:
                 print(f"genprior: {row['outputs']['mp4_skipped']}")
-        except Exception as err:  # one bad file or pair must not cost the others
-            reason = f"{type(err).__name__}: {err}"
-            log.debug("%s of %s failed:\n%s", self.task, row["id"], traceback.format_exc())
-            print(f"genprior: {self.task} of {row['id']} failed: {reason}")
-            row.update(status="failed", error=reason)
-        row["seconds"] = time.perf_counter() - start
         return row
 
     def write(self, prior: FittedPrior, fitted: list[Fitted], folder: Path,
@@ -420,14 +452,16 @@ class Manipulation:
             save_image(x, folder / "reconstruction.png")
             gen = image_generator(self.seed, f"{f.image_id}/jitter")
             images = jitter(prior, f, list(m.jitter_stds), int(m.jitter_samples), gen)
-            files = write_jitter(folder, x, images, list(m.jitter_stds), int(m.jitter_per_row))
+            files = write_jitter(folder, x, images, list(m.jitter_stds), int(m.jitter_per_row),
+                                 target=_target(f), title=f"{f.image_id}: jitter of z")
             log_media(loggers, f"jitter/{f.image_id}", images=[files["sheet"]])
             return files
         if self.task == "category_transfer":
             (f,), (x,) = fitted, recon
             save_image(x, folder / "reconstruction.png")
             images = category_transfer(prior, f, self.classes)
-            files = write_categories(folder, x, images, self.classes)
+            files = write_categories(folder, x, images, self.classes, target=_target(f),
+                                     title=f"{f.image_id}: category transfer")
             log_media(loggers, f"category_transfer/{f.image_id}", images=[files["sheet"]])
             return files
         a, b = fitted
@@ -487,13 +521,7 @@ def run(cfg: DictConfig, out: Path, *, items: Sequence[ImageItem] | None = None,
     edit = Manipulation.from_config(cfg)
     out = Path(out)
     loggers = list(engine.make_loggers(cfg, out) if loggers is None else loggers)
-    rows: list[dict[str, Any]] = []
-
-    def add(row: dict[str, Any]) -> None:
-        rows.append(row)
-        if on_row is not None:
-            on_row(row)
-
+    rows = engine.TaskRows(on_row)
     if edit.saved:
         G, _ = build_biggan(cfg.prior, dtype=run_dtype(cfg), device=pick_device(cfg), need_D=False)
         prior = FittedPrior(G, dict(G.state_dict()), _prior_section(cfg),
@@ -502,14 +530,14 @@ def run(cfg: DictConfig, out: Path, *, items: Sequence[ImageItem] | None = None,
     else:
         fit_rows, prior, paths = fit_and_save(cfg, edit, out, items=items, read=read, loggers=loggers,
                                               callbacks=callbacks, on_row=on_row)
-        rows.extend(fit_rows)  # on_row has had them from the engine
+        rows.rows.extend(fit_rows)  # on_row has had them from the engine
     jobs = edit.jobs(paths)
     if edit.task == "morphing" and not jobs:
-        add({"id": "morphing", "task": edit.task, "status": "failed",
+        rows.add({"id": "morphing", "task": edit.task, "status": "failed",
              "error": f"morphing needs two reconstructions, {len(paths)} fitted"})
     for job in jobs:
-        add(edit.edit(prior, job, out, loggers))
-    return rows
+        rows.add(edit.edit(prior, job, out, loggers))
+    return rows.rows
 
 
 def _prior_section(cfg: DictConfig) -> dict[str, Any]:

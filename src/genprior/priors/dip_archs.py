@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from genprior.priors.dip_nets import Concat, act, conv, skip, skip_recipe
+from genprior.priors.dip_nets import Concat, act, conv, skip
 
 __all__ = [
     "LIBRARY_WIDTHS",
@@ -378,7 +378,9 @@ def get_net(
 ) -> nn.Module:
     """The reference's ``get_net`` over every type (SPEC §4), same arguments and defaults:
 
-    * 'skip': ``dip_nets.skip_recipe`` (the §3.4 recipe with the given widths);
+    * 'skip': the §3.4 recipe with the given widths (ints repeated ``num_scales`` times, lists
+      used as they are), sigmoid and bias on, 1×1 up convs, 3×3 filters: with the defaults the
+      denoising/SR network (2,217,831 parameters);
     * 'skip_depth<N>' (N = 1…6): the library notebook's hourglass (``hourglass``) with this
       ``pad``, ``act_fun`` and ``upsample_mode`` (the notebook: 'nearest');
     * 'UNet': ``UNet(input_depth → 3, feature_scale 4, more_layers 0, concat_x False,
@@ -395,8 +397,13 @@ def get_net(
     """
     mode = upsample_mode if isinstance(upsample_mode, str) else upsample_mode[0]
     if net_type == "skip":
-        return skip_recipe(input_depth, pad, upsample_mode, n_channels, act_fun, skip_n33d, skip_n33u,
-                           skip_n11, num_scales, downsample_mode, dtype=dtype)
+        def widths(v: int | Sequence[int]) -> list[int]:
+            return [v] * num_scales if isinstance(v, int) else list(v)
+
+        return skip(input_depth, n_channels, num_channels_down=widths(skip_n33d),
+                    num_channels_up=widths(skip_n33u), num_channels_skip=widths(skip_n11),
+                    upsample_mode=upsample_mode, downsample_mode=downsample_mode, need_sigmoid=True,
+                    need_bias=True, pad=pad, act_fun=act_fun, dtype=dtype)
     if net_type.startswith("skip_depth") and net_type[len("skip_depth"):].isdigit():
         return hourglass(int(net_type[len("skip_depth"):]), input_depth, n_channels, pad, mode, act_fun, dtype)
     if net_type == "UNet":

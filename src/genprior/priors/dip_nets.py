@@ -48,7 +48,6 @@ __all__ = [
     "skip_kwargs_from",
     "skip_output_size",
     "skip_output_size_for",
-    "skip_recipe",
     "to_dtype",
     "tv_loss",
 ]
@@ -432,46 +431,6 @@ def skip(
     if need_sigmoid:
         _append(net, nn.Sigmoid())
     return net
-
-
-def skip_recipe(
-    input_depth: int,
-    pad: str = "reflection",
-    upsample_mode: str | Sequence[str] = "bilinear",
-    n_channels: int = 3,
-    act_fun: str = "LeakyReLU",
-    skip_n33d: int | Sequence[int] = 128,
-    skip_n33u: int | Sequence[int] = 128,
-    skip_n11: int | Sequence[int] = 4,
-    num_scales: int = 5,
-    downsample_mode: str | Sequence[str] = "stride",
-    dtype: torch.dtype | None = None,
-) -> nn.Module:
-    """The 'skip' branch of the reference dispatcher ``models.get_net`` (SPEC §4): ints are
-    repeated ``num_scales`` times; sigmoid and bias always on; 1×1 up convs and 3×3 filters.
-
-    The default arguments give the denoising/SR network of SPEC §3.4 (2,217,831 parameters).
-    The dispatcher itself, over every type (skip, skip_depthN, UNet, ResNet, texture_nets,
-    identity), is ``genprior.priors.dip_archs.get_net``.
-    """
-
-    def widths(v: int | Sequence[int]) -> list[int]:
-        return [v] * num_scales if isinstance(v, int) else list(v)
-
-    return skip(
-        input_depth,
-        n_channels,
-        num_channels_down=widths(skip_n33d),
-        num_channels_up=widths(skip_n33u),
-        num_channels_skip=widths(skip_n11),
-        upsample_mode=upsample_mode,
-        downsample_mode=downsample_mode,
-        need_sigmoid=True,
-        need_bias=True,
-        pad=pad,
-        act_fun=act_fun,
-        dtype=dtype,
-    )
 
 
 def to_dtype(net: nn.Module, dtype: torch.dtype) -> nn.Module:

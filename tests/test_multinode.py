@@ -245,10 +245,11 @@ def _check_two_nodes(make_launch: Callable[[Path, Path], Launch], folder: Path,
         assert [r["rank"] for r in killed].count(0) == 2
         log = next(log for log, p in zip(logs, procs, strict=True) if p is survivor).read_text()
         assert "another rank stopped before the end, so no summary" in log, log[-3000:]
-    # everything a node reported finished is on disk
+    # everything a node reported finished is on disk (a row is written before its line is
+    # printed, so the killed node's last row may have no line: a subset, not equality)
     reported = set(re.findall(r"^genprior evaluate \[rank \d\] \d+/\d+ (\S+):",
                               "".join(log.read_text() for log in logs), flags=re.MULTILINE))
-    assert reported == {r["id"] for r in killed}
+    assert reported <= {r["id"] for r in killed}
 
     # 3. the same command again, both nodes: only the unfinished images are fitted
     _run_both(launch, tmp_path, "resumed")

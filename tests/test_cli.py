@@ -151,6 +151,13 @@ def test_an_output_dir_with_results_is_not_reused_silently(
     assert _rows(out) == [{"id": "earlier", "status": "ok"}]  # untouched
     assert run_train([*args, "output.overwrite=true"]) == 0
     assert [r["id"] for r in _rows(out)] == ["a"]
+    # a run that stopped before any image finished left nothing to lose: its folder is reused
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / "config.yaml").write_text("seed: 0\n")
+    (stopped / "results.jsonl").write_text("")
+    assert run_train([*DIP_FAST, f"data.source={folder}", f"output.dir={stopped}", *QUIET]) == 0
+    assert [r["id"] for r in _rows(stopped)] == ["a"]
 
 
 # ------------------------------------------------------------------------------ full disk

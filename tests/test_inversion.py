@@ -119,6 +119,18 @@ def test_missing_weights_file_is_one_line_with_url_and_place(tmp_path: Path, mon
         build_classifier("alexnet", str(tmp_path / "missing.pth"))
 
 
+def test_a_missing_classifier_stops_train_py_before_it_writes_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.delenv("GENPRIOR_DEBUG", raising=False)
+    out = tmp_path / "out"
+    code = run_train(["task=dip_preimage_quick", f"inversion.classifier_weights={tmp_path / 'alexnet.pth'}",
+                      f"output.dir={out}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "alexnet.pth" in err and "Traceback" not in err
+    assert not out.exists()  # checked before the output folder is made: a rerun is not refused
+
+
 # ------------------------------------------------------------------ the method
 @pytest.mark.parametrize("kind", ["dip", "tv"])
 def test_preimage_fit_lowers_the_feature_loss(alexnet: torch.nn.Module, kind: str) -> None:

@@ -36,8 +36,8 @@ from torch import Tensor, nn
 from genprior.errors import InvalidSettingError, MissingFileError
 from genprior.weights import WeightsFileError, read_state_dict
 
-__all__ = ["NETWORKS", "FeatureExtractor", "build_classifier", "layer_names", "select_unit",
-           "weights_path"]
+__all__ = ["NETWORKS", "FeatureExtractor", "build_classifier", "check_weights_file", "layer_names",
+           "select_unit", "weights_path"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -96,6 +96,19 @@ def weights_path(net: str, weights: str | None) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / NETWORKS[net].file
 
 
+def check_weights_file(net: str, weights: str | None = None) -> Path:
+    """The file ``build_classifier`` would read for ``net``; a missing one is a MissingFileError
+    that says where to get it and where to put it (checked before a run writes anything)."""
+    path = weights_path(net, weights)
+    if not path.is_file():  # read_state_dict would shorten this hint
+        where = "the torch hub cache" if not weights else "inversion.classifier_weights"
+        raise MissingFileError(
+            f"{net} ImageNet weights (network inversion) not found: {path} ({where}). Download "
+            f"{URL.format(file=NETWORKS[net].file)} and put it at {path}, or pass another copy's "
+            "path as inversion.classifier_weights=<file>")
+    return path
+
+
 def build_classifier(net: str, weights: str | None = None, seed: int = 0) -> nn.Module:
     """torchvision's ``net`` in eval mode, frozen, with the published ImageNet weights (a local
     file, ``weights_path``) or, for ``weights="random"``, torchvision's init under ``seed``."""
@@ -108,14 +121,7 @@ def build_classifier(net: str, weights: str | None = None, seed: int = 0) -> nn.
             torch.manual_seed(int(seed))
             model = builder(weights=None)
     else:
-        path = weights_path(net, weights)
-        file = NETWORKS[net].file
-        if not path.is_file():  # read_state_dict would shorten this hint
-            where = "the torch hub cache" if not weights else "inversion.classifier_weights"
-            raise MissingFileError(
-                f"{net} ImageNet weights (network inversion) not found: {path} ({where}). Download "
-                f"{URL.format(file=file)} and put it at {path}, or pass another copy's path as "
-                f"inversion.classifier_weights=<file>")
+        path = check_weights_file(net, weights)
         state = read_state_dict(path, f"{net} ImageNet weights (network inversion)")
         model = builder(weights=None)  # after the read: a missing file fails fast
         try:

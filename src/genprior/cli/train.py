@@ -34,8 +34,8 @@ from genprior.methods import Method
 
 __all__ = ["OutputDirInUseError", "check_output_dir", "run_train", "train", "train_main"]
 
-#: The files that mark a folder as another run's results (train.py's and evaluate.py's).
-RUN_MARKERS = ("results.jsonl", "config.yaml")
+#: The file whose rows mark a folder as another run's results (train.py's and evaluate.py's).
+RESULTS_FILE = "results.jsonl"
 
 
 class OutputDirInUseError(errors.UserError, FileExistsError):
@@ -96,13 +96,19 @@ def train(cfg: Any, dry_run: bool = False) -> int:
 
 
 def check_output_dir(cfg: Any, out: Path) -> None:
-    """A folder that holds another run's results is not reused silently (output.overwrite)."""
+    """A folder that holds another run's results (a results.jsonl with a row) is not reused
+    silently (output.overwrite). A run that stopped before any image finished (its config.yaml
+    and an empty results.jsonl: a missing file found late, an interrupt) left nothing to lose."""
     if bool(cfg.output.overwrite):
         return
-    found = [name for name in RUN_MARKERS if (out / name).exists()]
-    if found:
+    results = out / RESULTS_FILE
+    try:
+        has_rows = results.is_file() and any(line.strip() for line in results.open(errors="replace"))
+    except OSError:
+        has_rows = True  # unreadable: do not write over it
+    if has_rows:
         raise OutputDirInUseError(
-            f"output.dir {out} holds the results of an earlier run ({', '.join(found)}); give a "
+            f"output.dir {out} holds the results of an earlier run ({results.name}); give a "
             "new output.dir=<folder>, or output.overwrite=true to write over them")
 
 

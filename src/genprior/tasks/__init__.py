@@ -45,7 +45,10 @@ def build_method(cfg: Any) -> Method | None:
     before anything is logged so that a missing file or a wrong setting stops the run first;
     None for the tasks that build their own (defense, manipulation, network inversion)."""
     task = str(cfg.task.name)
-    if task == "defense" or task in manipulation.MANIPULATION_TASKS or task in inversion.INVERSION_TASKS:
+    if task in inversion.INVERSION_TASKS:
+        inversion.check(cfg)  # the classifier's weights and the images' files: before any output
+        return None
+    if task == "defense" or task in manipulation.MANIPULATION_TASKS:
         return None
     if task in mgan_edit.MGAN_EDIT_TASKS:
         mgan_edit.MGANEdit.from_config(cfg)  # boundary files, layers, saved fits: before any output

@@ -29,18 +29,28 @@ from PIL import Image
 from torch import Tensor
 
 from genprior import engine
-from genprior.datamodules import load_items
+from genprior.datamodules import list_images, load_items
 from genprior.errors import InvalidSettingError
-from genprior.features import build_classifier
+from genprior.features import build_classifier, check_weights_file
 from genprior.image_io import labelled_sheet, safe_name
 from genprior.items import ImageItem
 from genprior.methods import Inversion
 from genprior.methods.inversion import INVERSION_TASKS
 
-__all__ = ["INVERSION_TASKS", "class_items", "class_name", "run", "write_sheet"]
+__all__ = ["INVERSION_TASKS", "check", "class_items", "class_name", "run", "write_sheet"]
 
 _PREIMAGE = ("dip_preimage", "tv_preimage")
 _ACTIVATION = ("dip_activation_maximization", "tv_activation_maximization")
+
+
+def check(cfg: Any) -> None:
+    """What a run needs from disk, checked before anything is written or logged: the
+    classifier's weights (not for enhancement, which has none) and the images' files."""
+    settings = cfg.inversion
+    if settings.objective != "reconstruction" and settings.classifier_weights != "random":
+        check_weights_file(str(settings.classifier), settings.classifier_weights)
+    if str(cfg.task.name) not in _ACTIVATION:  # activation maximisation has no input images
+        list_images(cfg, Inversion)
 
 
 def run(cfg: Any, out: Path, *, items: Sequence[ImageItem] | None = None, method: Any = None,

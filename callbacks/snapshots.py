@@ -4,7 +4,8 @@ The reference's progress sheet (the observation, then x at i = 0 and every print
 iterations), x at the end of every stage, and with ``save_interval`` (the reference's per-stage
 list) x at i = 0 and every save_interval[s] iterations of stage s, written at once as
 ``<out>/<id>/steps/s<stage>_i<iteration>.png``. Other callbacks (ImageFiles) read the frames;
-``stage_labels`` says what each stage frame is ("observation", "stage 2 (it 200)").
+``stage_labels`` says what each stage frame is ("observation", "stage 2 (it 200)"), and
+``stage_ends`` (stage, iteration) where each stage ended.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class StageSnapshots(L.Callback):
         self.progress_frames: dict[int, list[Tensor]] = {}
         self.stage_frames: dict[int, list[Tensor]] = {}
         self.stage_labels: dict[int, list[str]] = {}
+        self.stage_ends: dict[int, list[tuple[int, int]]] = {}  # (stage, iteration), from 1
         self._position: list[tuple[int, int]] = []
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
@@ -39,6 +41,7 @@ class StageSnapshots(L.Callback):
             self.progress_frames = {b: [obs[b].cpu()] for b in range(method.batch_size)}
             self.stage_frames = {b: [obs[b].cpu()] for b in range(method.batch_size)}
             self.stage_labels = {b: ["observation"] for b in range(method.batch_size)}
+            self.stage_ends = {b: [] for b in range(method.batch_size)}
         progress = method.progress
         self._position = list(zip(progress.stage, progress.iteration))  # of the step about to run
 
@@ -59,6 +62,7 @@ class StageSnapshots(L.Callback):
             if pl_module.last_stage_ended[b]:
                 self.stage_frames[b].append(x[b].cpu())
                 # the stage's last iteration: fewer than its length when it stopped early
+                self.stage_ends[b].append((stage + 1, i + 1))
                 self.stage_labels[b].append(f"stage {stage + 1} (it {i + 1})")
             if self.save_interval and self.out_dir is not None and stage < len(self.save_interval):
                 every = self.save_interval[stage]

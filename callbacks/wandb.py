@@ -74,6 +74,7 @@ from genprior.results import (
 )
 
 from .rows import ResultRows
+from .snapshots import StageSnapshots
 
 __all__ = ["WANDB_ENV", "WandbReport", "make_wandb_logger", "resolve_mode", "wandb_init_args",
            "wandb_logged_in"]
@@ -159,7 +160,8 @@ def make_wandb_logger(cfg: DictConfig, out: str | Path,
 class WandbReport(L.Callback):
     """The W&B report of a run: a no-op unless ``logger.kind=wandb`` (and rank 0).
 
-    train.py: ``WandbReport(cfg, out, rows=<the fit's ResultRows>)`` as a callback of the fit;
+    train.py: ``WandbReport(cfg, out, rows=<the fit's ResultRows>, snapshots=<its
+    StageSnapshots>)`` as a callback of the fit, after them;
     it uses the trainer's WandbLogger (none: it does nothing).
 
     evaluate.py: ``WandbReport(cfg, out, results_dir, subset)``; evaluate.py calls ``start``
@@ -171,7 +173,8 @@ class WandbReport(L.Callback):
     """
 
     def __init__(self, cfg: DictConfig, out: str | Path, results_dir: Path | None = None,
-                 subset: set[str] | None = None, rows: ResultRows | None = None) -> None:
+                 subset: set[str] | None = None, rows: ResultRows | None = None,
+                 snapshots: StageSnapshots | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.out = Path(out)
@@ -186,7 +189,7 @@ class WandbReport(L.Callback):
         self.total = 0
         self.mirror: dict[str, Any] = {}
         self._rows_seen = 0
-        self._position: list[tuple[int, int]] = []  # train.py: (stage, iteration) of each image's step
+        self.snapshots = snapshots  # train.py: the fit's StageSnapshots (the stage-end frames)
         self._stage_ids: set[str] = set()  # train.py: the images whose stage ends are logged
 
     @property
@@ -210,47 +213,37 @@ class WandbReport(L.Callback):
         # A sweep agent sets WANDB_RUN_ID/WANDB_SWEEP_ID in the environment; wandb.init reads them.
         self._open(logger)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self.results is None or self.run is None or pl_module.aborted is not None or not pl_module.items:
-            self._position = []
-            return
-        progress = pl_module.method.progress
-        self._position = list(zip(progress.stage, progress.iteration))  # of the step about to run
-
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         """train.py: each image's result as each of its stages ends (``stage_end/<id>``, one
         W&B image per stage at the run's step: W&B's slider walks through the stages), for the
-        first ``eval.wandb_sheets_first_k`` images of the run."""
+        first ``eval.wandb_sheets_first_k`` images of the run. The frame and its stage come from
+        the fit's StageSnapshots, which runs before this callback."""
         ended = getattr(pl_module, "last_stage_ended", None)
-        if self.results is None or self.run is None or not self._position or not ended or not any(ended):
+        if self.results is None or self.run is None or self.snapshots is None or not ended or not any(ended):
             return
-        self._stage_ends(trainer, pl_module, ended)
+        self._stage_ends(pl_module, ended)
 
     @rank_zero_only
-    def _stage_ends(self, trainer: L.Trainer, pl_module: Any, ended: list[bool]) -> None:
+    def _stage_ends(self, pl_module: Any, ended: list[bool]) -> None:
         import wandb  # optional heavy dependency, only for logger.kind=wandb
 
-        method, x = pl_module.method, pl_module.last_x
-        if x is None:
-            return
+        snapshots = self.snapshots
         step = int(pl_module.steps_run) - 1  # the run's step, as LossLogger logs the losses
-        shown = method.display(x)
         images: dict[str, Any] = {}
         for b, stage_ended in enumerate(ended):
-            image_id = str(method.ids[b])
-            if not stage_ended or (image_id not in self._stage_ids and len(self._stage_ids) >= self.sheets_first_k):
+            image_id = str(pl_module.method.ids[b])
+            if not stage_ended or not snapshots.stage_ends.get(b) or (
+                    image_id not in self._stage_ids and len(self._stage_ids) >= self.sheets_first_k):
                 continue
             self._stage_ids.add(image_id)
-            stage, i = self._position[b]
-            caption = f"{image_id}: stage {stage + 1} (it {i + 1})"
+            stage, i = snapshots.stage_ends[b][-1]
             key = f"stage_end/{image_id}"
-            path = self.media_dir / safe_name(image_id) / f"stage{stage + 1}.png"
-            save_image(shown[b], path, value_range=(0.0, 1.0))
-            images[key] = wandb.Image(str(path), caption=caption)
+            path = self.media_dir / safe_name(image_id) / f"stage{stage}.png"
+            save_image(snapshots.stage_frames[b][-1], path, value_range=(0.0, 1.0))
+            images[key] = wandb.Image(str(path), caption=f"{image_id}: {snapshots.stage_labels[b][-1]}")
             self.mirror.setdefault("stage_ends", []).append(
-                {"key": key, "stage": stage + 1, "iteration": i + 1, "path": str(path),
-                 "step": step})
+                {"key": key, "stage": stage, "iteration": i, "path": str(path), "step": step})
         if not images:
             return
         try:  # on Lightning's x-axis for this logger's metrics

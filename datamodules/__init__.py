@@ -9,6 +9,8 @@ from .folder import ImageFolderDataModule, read_list_file
 from .imagenet import (
     ImageNetLabels,
     ImageNetValDataModule,
+    imagenet_class_name,
+    imagenet_info,
     imagenet_wnids,
     read_devkit_meta,
     read_imagenet_labels,
@@ -52,6 +54,8 @@ __all__ = [
     "build_datamodule",
     "collate_records",
     "image_reader",
+    "imagenet_class_name",
+    "imagenet_info",
     "imagenet_wnids",
     "list_images",
     "load_items",

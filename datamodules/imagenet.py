@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import scipy.io
+from timm.data import ImageNetInfo
 
 from genprior.image_io import IMAGE_EXTENSIONS
 from genprior.items import ImageItem
@@ -52,6 +53,8 @@ from .records import (
 __all__ = [
     "ImageNetLabels",
     "ImageNetValDataModule",
+    "imagenet_class_name",
+    "imagenet_info",
     "imagenet_wnids",
     "read_devkit_meta",
     "read_imagenet_labels",
@@ -59,6 +62,18 @@ __all__ = [
 
 VAL_ID = re.compile(r"^ILSVRC2012_val_(\d{8})$")
 DEVKIT_GT_NAME = "ILSVRC2012_validation_ground_truth.txt"
+
+
+@functools.lru_cache(maxsize=1)
+def imagenet_info() -> ImageNetInfo:
+    """timm's ImageNet-1k class table (descriptions, label names), read once."""
+    return ImageNetInfo()
+
+
+def imagenet_class_name(index: int) -> str:
+    """The ImageNet-1k description of class ``index`` ("golden retriever"; some hold several
+    names, "tench, Tinca tinca")."""
+    return str(imagenet_info().index_to_description(int(index)))
 
 
 @functools.lru_cache(maxsize=1)

@@ -129,6 +129,10 @@ def test_a_missing_classifier_stops_train_py_before_it_writes_anything(
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "alexnet.pth" in err and "Traceback" not in err
     assert not out.exists()  # checked before the output folder is made: a rerun is not refused
+    # the image is listed (its file checked) by train.py too, before anything is written
+    code = run_train(["task=dip_preimage_quick", f"data.source={tmp_path / 'missing.png'}", f"output.dir={out}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "missing.png" in err and not out.exists()
 
 
 # ------------------------------------------------------------------ the method

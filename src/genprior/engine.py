@@ -365,7 +365,7 @@ def output_callbacks(cfg: Any, out: Path, method: Method, extra_metrics: dict[st
         callbacks.append(SaveReconstructions(out, cfg))
     callbacks.append(rows)
     if str(cfg.logger.kind) == "wandb":
-        callbacks.append(WandbReport(cfg, out, rows=rows))
+        callbacks.append(WandbReport(cfg, out, rows=rows, snapshots=snapshots))
     return callbacks
 
 

@@ -17,9 +17,11 @@ import errno
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 __all__ = ["DEBUG_ENV", "OUTPUT_ERRNOS", "Interrupted", "InvalidSettingError", "MissingFileError",
-           "OutputWriteError", "UserError", "debug_enabled", "one_line", "output_error", "report"]
+           "OutputWriteError", "UserError", "debug_enabled", "one_line", "output_error", "report",
+           "run_reported"]
 
 DEBUG_ENV = "GENPRIOR_DEBUG"
 
@@ -86,3 +88,20 @@ def report(program: str, err: BaseException) -> int:
     """Print ``<program>: error: <one line>`` on stderr; the exit code for it (2)."""
     print(f"{program}: error: {one_line(err)}", file=sys.stderr)
     return 2
+
+
+def run_reported(program: str, run: Callable[[], int]) -> int:
+    """``run()``'s exit code, or 2 with one line on stderr (``report``) when it raised a
+    UserError or an OSError the user must fix (``output_error``: a full disk, a quota, a
+    read-only or forbidden output folder); the traceback with ``GENPRIOR_DEBUG=1``."""
+    try:
+        return run()
+    except UserError as err:
+        if debug_enabled():
+            raise
+        return report(program, err)
+    except OSError as err:
+        error = output_error(err)
+        if error is None or debug_enabled():
+            raise
+        return report(program, error)

@@ -48,6 +48,7 @@ __all__ = [
     "save_image",
     "to_tensor",
     "to_uint8",
+    "write_grid_sheet",
 ]
 
 #: File suffixes treated as images when a folder is scanned (compared in lower case).
@@ -458,6 +459,28 @@ def labelled_sheet(
         draw.text((_SHEET_PAD, 1), _fit_text(measure, title, font, sheet.width - 2 * _SHEET_PAD),
                   fill=_TEXT, font=font)
     return sheet
+
+
+def write_grid_sheet(
+    rows: Sequence[Sequence[torch.Tensor | None]],
+    col_labels: Sequence[str],
+    row_labels: Sequence[str],
+    path: str | os.PathLike[str],
+    **kwargs: Any,
+) -> Path:
+    """``labelled_sheet`` of a grid given row by row, a title above every column (over the first
+    row) and a label left of every row, saved as ``path`` (its folder made); ``kwargs`` go to
+    ``labelled_sheet`` (``value_range``, ``tile``, ``resample``). Returns ``path``."""
+    ncol = len(col_labels)
+    if any(len(row) != ncol for row in rows):
+        raise ValueError(f"every row of the sheet needs {ncol} images, one per column label")
+    frames = [x for row in rows for x in row]
+    labels = [*col_labels, *[""] * (len(frames) - ncol)]
+    sheet = labelled_sheet(frames, ncol, labels=labels, row_labels=row_labels, **kwargs)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
 
 
 def labelled_sheet_size(

@@ -14,10 +14,11 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["ImageBatch", "ImageItem", "StepRecord", "image_generator"]
+__all__ = ["ImageBatch", "ImageItem", "StepRecord", "image_generator", "step_seed"]
 
 
 @dataclass
@@ -87,3 +88,11 @@ def image_generator(seed: int, image_id: str) -> torch.Generator:
     """Each image's own RNG stream (seeded by the run's seed and the image id)."""
     digest = hashlib.sha256(f"{seed}:{image_id}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of one optimisation step's random draw (DIP's input perturbation ε) for an
+    image of seed ``seed``: a function of (seed, step) only, so results do not depend on the
+    batch an image lands in, and a resumed run draws the same perturbations."""
+    state = np.random.SeedSequence([seed & 0xFFFFFFFF, step]).generate_state(2, np.uint32)
+    return int(state[0]) << 31 | int(state[1]) >> 1

@@ -31,7 +31,6 @@ silently rescale every strength). A norm within the tolerance is renormalised in
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from torch import Tensor
 
 import genprior
 from genprior.errors import MissingFileError, UserError
+from genprior.items import image_generator
 from genprior.priors import registry
 from genprior.priors.pggan import PGGANGenerator
 from genprior.saved import (
@@ -262,9 +262,7 @@ RANDOM_BOUNDARIES = "random"
 def random_boundary(attribute: str, z_dim: int, seed: int = 0) -> Tensor:
     """A seeded random unit normal for ``attribute`` (float64 ``[z_dim]``): the same attribute
     name and seed give the same vector on any machine."""
-    digest = hashlib.sha256(f"{seed}:{attribute}".encode()).digest()
-    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-    normal = torch.randn(z_dim, generator=gen, dtype=torch.float64)
+    normal = torch.randn(z_dim, generator=image_generator(seed, attribute), dtype=torch.float64)
     return normal / normal.norm()
 
 

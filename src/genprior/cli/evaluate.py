@@ -93,17 +93,9 @@ def run_evaluate(argv: Sequence[str]) -> int:
               "command line; run evaluate.py (or genprior-evaluate, torchrun, srun) from the "
               "shell, or use trainer.strategy=ddp_spawn", file=sys.stderr)
         return 2
-    try:
-        return int(fabric.launch(evaluate_rank, cfg, "--dry-run" in argv) or 0)
-    except errors.UserError as err:  # one line, no traceback (genprior.errors)
-        if errors.debug_enabled():
-            raise
-        return errors.report("evaluate.py", err)
-    except OSError as err:  # a full disk, a quota, a read-only or forbidden output folder
-        error = errors.output_error(err)
-        if error is None or errors.debug_enabled():
-            raise
-        return errors.report("evaluate.py", error)  # the durable rows written so far stay
+    # one line, no traceback (genprior.errors); on a full disk the durable rows written so far stay
+    return errors.run_reported("evaluate.py",
+                               lambda: int(fabric.launch(evaluate_rank, cfg, "--dry-run" in argv) or 0))
 
 
 def make_fabric(cfg: DictConfig) -> Fabric:

@@ -53,17 +53,7 @@ def run_train(argv: Sequence[str]) -> int:
     cfg = compose_or_exit(argv, "train.py")  # --help, --print-config: printed, None
     if cfg is None:
         return 0
-    try:
-        return train(cfg, dry_run="--dry-run" in argv)
-    except errors.UserError as err:
-        if errors.debug_enabled():
-            raise
-        return errors.report("train.py", err)
-    except OSError as err:  # a full disk, a quota, a read-only or forbidden output folder
-        error = errors.output_error(err)
-        if error is None or errors.debug_enabled():
-            raise
-        return errors.report("train.py", error)
+    return errors.run_reported("train.py", lambda: train(cfg, dry_run="--dry-run" in argv))
 
 
 def train(cfg: Any, dry_run: bool = False) -> int:
@@ -72,13 +62,13 @@ def train(cfg: Any, dry_run: bool = False) -> int:
     check_output_dir(cfg, out)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     method = tasks.build_method(cfg)  # the weights and VGG-16 files; None: the task builds its own
-    run_kwargs: dict[str, Any] = {}
-    if method is not None:  # restoration: the images are listed (their files checked) here
-        source, items = list_images(cfg, type(method))
-        run_kwargs = {"method": method, "items": items,
-                      "read": image_reader(cfg, type(method), source, items)}
+    run_kwargs: dict[str, Any] = {} if method is None else {"method": method}
+    reads = tasks.input_method(cfg, method)
+    if reads is not None:  # the images are listed (their files checked) here
+        source, items = list_images(cfg, reads)
+        run_kwargs.update(items=items, read=image_reader(cfg, reads, source, items))
     if dry_run:
-        print_dry_run(cfg, out, method, run_kwargs.get("items"))
+        print_dry_run(cfg, out, reads, run_kwargs.get("items"))
         return 0
 
     # 2. the run: one row per image in results.jsonl as soon as it is done
@@ -112,14 +102,14 @@ def check_output_dir(cfg: Any, out: Path) -> None:
             "new output.dir=<folder>, or output.overwrite=true to write over them")
 
 
-def print_dry_run(cfg: Any, out: Path, method: Method | None, items: list[ImageItem] | None) -> None:
+def print_dry_run(cfg: Any, out: Path, reads: type[Method] | None, items: list[ImageItem] | None) -> None:
     """--dry-run: what the checks found and what would be fitted."""
     print(f"train.py --dry-run: config, output folder and the files of {cfg.prior.name} are in "
           f"order; outputs would go to {out}")
     if items is None:
         print(f"  task {cfg.task.name} lists its own images when it runs")
         return
-    print(f"  {len(items)} image(s) would be fitted ({type(method).__name__}):")
+    print(f"  {len(items)} image(s) would be fitted ({reads.__name__ if reads else cfg.task.name}):")
     for item in items[:50]:
         print(f"  {item.id}  {item.path}")
     if len(items) > 50:

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from genprior.color import ycbcr_recombine
 from genprior.degradations import MGANPRIOR_GRAY_WEIGHTS, CenterSquareMask, Gray, center_hole_box
 from genprior.errors import InvalidSettingError
-from genprior.items import ImageBatch, StepRecord, image_generator
+from genprior.items import ImageBatch, StepRecord, image_generator, step_seed
 from genprior.methods.base import Method, Progress
 from genprior.metrics import psnr, ssim
 from genprior.optim import PerImageAdam, StackedOptimizer
@@ -448,12 +448,12 @@ class DIP(Method):
         gen = self._generators[key]
         eps = torch.empty(z.shape, dtype=torch.float32, device=z.device)
         if len(set(self.seeds)) == 1:
-            gen.manual_seed(_step_seed(self.seeds[0], step))
+            gen.manual_seed(step_seed(self.seeds[0], step))
             eps[:1].normal_(generator=gen)
             eps[1:] = eps[:1]
             return eps
         for b, s in enumerate(self.seeds):
-            gen.manual_seed(_step_seed(s, step))
+            gen.manual_seed(step_seed(s, step))
             eps[b].normal_(generator=gen)
         return eps
 
@@ -1021,13 +1021,6 @@ def check_input_size(height: int, width: int, settings: DIPConfig, in_channels: 
             f"DIP's {levels}-level skip network maps a {height}×{width} (H×W) image to "
             f"{out[0]}×{out[1]}, so its output cannot be compared with the image; {advice}"
         )
-
-
-def _step_seed(seed: int, step: int) -> int:
-    # ε of a step depends only on (image seed, step): results do not depend on the batch an
-    # image lands in, and a resumed run draws the same perturbations.
-    state = np.random.SeedSequence([seed & 0xFFFFFFFF, step]).generate_state(2, np.uint32)
-    return int(state[0]) << 31 | int(state[1]) >> 1
 
 
 def _expand(flags: Tensor, like: Tensor) -> Tensor:

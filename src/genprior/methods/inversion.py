@@ -28,14 +28,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from genprior.errors import InvalidSettingError
 from genprior.features import FeatureExtractor, build_classifier, select_unit
-from genprior.items import ImageBatch, StepRecord
+from genprior.items import ImageBatch, StepRecord, step_seed
 from genprior.methods.base import Method, Progress
 from genprior.metrics import psnr
 from genprior.optim import PerImageAdam
@@ -225,8 +224,7 @@ class Inversion(Method):
 
     def perturbation(self, step: int) -> Tensor:
         """ε ~ N(0, 1) of a step, a function of (seed, step) only, drawn in float32."""
-        key = np.random.SeedSequence([self.seed & 0xFFFFFFFF, step]).generate_state(1, np.uint32)
-        gen = torch.Generator().manual_seed(int(key[0]))
+        gen = torch.Generator().manual_seed(step_seed(self.seed, step))
         eps = torch.randn(self.net_input.shape[1:], generator=gen, dtype=torch.float32)
         return eps.to(self.net_input.device, self.net_input.dtype).expand_as(self.net_input)
 

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from genprior.device import pick_device
-from genprior.methods import Method, build
+from genprior.methods import Inversion, Method, build
 from genprior.perf import perf_settings, tune_cpu_malloc
 from genprior.tasks import defense, inversion, manipulation, mgan_edit, prior_samples, restore
 
-__all__ = ["build_method", "defense", "inversion", "manipulation", "mgan_edit", "prior_samples", "restore", "run"]
+__all__ = ["build_method", "defense", "input_method", "inversion", "manipulation", "mgan_edit", "prior_samples", "restore", "run"]
 
 
 def run(cfg: Any, out: Path, **kwargs: Any) -> list[dict[str, Any]]:
@@ -46,7 +46,7 @@ def build_method(cfg: Any) -> Method | None:
     None for the tasks that build their own (defense, manipulation, network inversion)."""
     task = str(cfg.task.name)
     if task in inversion.INVERSION_TASKS:
-        inversion.check(cfg)  # the classifier's weights and the images' files: before any output
+        inversion.check(cfg)  # the classifier's weights: before any output
         return None
     if task == "defense" or task in manipulation.MANIPULATION_TASKS:
         return None
@@ -55,3 +55,16 @@ def build_method(cfg: Any) -> Method | None:
     if task in mgan_edit.MGAN_EDIT_TASKS or task in prior_samples.PRIOR_SAMPLE_TASKS:
         return None
     return build(cfg)
+
+
+def input_method(cfg: Any, method: Method | None) -> type[Method] | None:
+    """The method class whose preprocessing the run's input images (``data.*``) take, when the
+    entry point lists them before anything is written (their files checked) and hands them to
+    ``run`` as ``items``: the restoration's method (``build_method``), Inversion for the
+    network-inversion tasks with input images; None for the tasks that find their own inputs
+    (manipulation, mGANprior edits, defense) or have none."""
+    if method is not None:
+        return type(method)
+    if inversion.reads_images(cfg):
+        return Inversion
+    return None

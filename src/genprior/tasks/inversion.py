@@ -29,28 +29,33 @@ from PIL import Image
 from torch import Tensor
 
 from genprior import engine
-from genprior.datamodules import list_images, load_items
+from genprior.datamodules import imagenet_class_name, load_items
 from genprior.errors import InvalidSettingError
 from genprior.features import build_classifier, check_weights_file
-from genprior.image_io import labelled_sheet, safe_name
+from genprior.image_io import safe_name, write_grid_sheet
 from genprior.items import ImageItem
 from genprior.methods import Inversion
 from genprior.methods.inversion import INVERSION_TASKS
 
-__all__ = ["INVERSION_TASKS", "check", "class_items", "class_name", "run", "write_sheet"]
+__all__ = ["INVERSION_TASKS", "check", "class_items", "class_name", "reads_images", "run", "write_sheet"]
 
 _PREIMAGE = ("dip_preimage", "tv_preimage")
 _ACTIVATION = ("dip_activation_maximization", "tv_activation_maximization")
 
 
 def check(cfg: Any) -> None:
-    """What a run needs from disk, checked before anything is written or logged: the
-    classifier's weights (not for enhancement, which has none) and the images' files."""
+    """The classifier's weights file (not for enhancement, which has none), checked before
+    anything is written or logged. The images' files are the entry point's to list
+    (``reads_images``), as for every task that reads ``data.*``."""
     settings = cfg.inversion
     if settings.objective != "reconstruction" and settings.classifier_weights != "random":
         check_weights_file(str(settings.classifier), settings.classifier_weights)
-    if str(cfg.task.name) not in _ACTIVATION:  # activation maximisation has no input images
-        list_images(cfg, Inversion)
+
+
+def reads_images(cfg: Any) -> bool:
+    """Whether the task fits the images ``data.*`` names (activation maximisation has none:
+    its items are ``inversion.classes``)."""
+    return str(cfg.task.name) in INVERSION_TASKS and str(cfg.task.name) not in _ACTIVATION
 
 
 def run(cfg: Any, out: Path, *, items: Sequence[ImageItem] | None = None, method: Any = None,
@@ -218,11 +223,9 @@ def enhancement(cfg: Any, out: Path, items: list[ImageItem], fit: _Fits) -> list
 
 # ------------------------------------------------------------------------------ helpers
 def class_name(index: int) -> str:
-    """The ImageNet-1k class's first name (timm's ImageNetInfo; the index when unavailable)."""
+    """The ImageNet-1k class's first name (the index when it is not an ImageNet-1k class)."""
     try:
-        from timm.data import ImageNetInfo  # heavy import, only for the sheet's labels
-
-        return str(ImageNetInfo().index_to_description(int(index))).split(",")[0]
+        return imagenet_class_name(index).split(",")[0]
     except Exception:  # a class index outside ImageNet-1k, or timm without the class files
         return f"class {index}"
 
@@ -237,22 +240,10 @@ def class_items(classes: Sequence[int], size: int) -> list[ImageItem]:
 
 def write_sheet(grid: Sequence[Sequence[Tensor | None]], col_labels: Sequence[str],
                 row_labels: Sequence[str], path: Path, min_size: int = 128) -> Path:
-    """A PNG of the [3, H, W] images in [0, 1] of ``grid`` (None: an empty cell), a column label
-    above every column and a row label left of every row (image_io.labelled_sheet); small
-    images are enlarged (nearest, by an integer factor) to at least ``min_size``."""
-    ncol = len(col_labels)
-    if any(len(row) != ncol for row in grid):
-        raise ValueError(f"every row of the sheet needs {ncol} images, one per column label")
-    frames = [x for row in grid for x in row]
-    h, w = next(x for x in frames if x is not None).shape[-2:]
+    """The PNG of the [3, H, W] images in [0, 1] of ``grid`` (None: an empty cell), labelled
+    (image_io.write_grid_sheet); small images are enlarged (nearest, by an integer factor) to at
+    least ``min_size``."""
+    h, w = next(x for row in grid for x in row if x is not None).shape[-2:]
     scale = max(1, -(-min_size // max(h, w)))
-    labels = [*col_labels, *[""] * (len(frames) - ncol)]  # the column titles above the first row
-    sheet = labelled_sheet(frames, ncol, labels=labels, row_labels=row_labels, tile=(h * scale, w * scale),
-                           resample=Image.Resampling.NEAREST)
-    sheet.save(_mkdir(path))
-    return path
-
-
-def _mkdir(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
+    return write_grid_sheet(grid, col_labels, row_labels, path, tile=(h * scale, w * scale),
+                            resample=Image.Resampling.NEAREST)

@@ -24,7 +24,6 @@ in ``manipulation.saved``. Deliberate differences from the reference:
 from __future__ import annotations
 
 import difflib
-import functools
 import importlib.util
 import itertools
 import json
@@ -41,13 +40,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from timm.data import ImageNetInfo
 from torch import Tensor
 from torch.func import functional_call
 
 from genprior import engine
 from genprior.callbacks import SaveReconstructions
-from genprior.datamodules import load_items
+from genprior.datamodules import imagenet_class_name, imagenet_info, load_items
 from genprior.device import pick_device
 from genprior.image_io import (
     ImageLoadError,
@@ -70,7 +68,6 @@ __all__ = [
     "FittedPrior",
     "Manipulation",
     "category_transfer",
-    "class_name",
     "interpolate_states",
     "jitter",
     "morph",
@@ -205,18 +202,8 @@ def category_transfer(prior: FittedPrior, f: Fitted, classes: Sequence[int]) -> 
 # --------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
-def _imagenet_info() -> ImageNetInfo:
-    return ImageNetInfo()
-
-
-def class_name(index: int) -> str:
-    """The ImageNet-1k description of class ``index`` ("golden retriever")."""
-    return str(_imagenet_info().index_to_description(index))
-
-
 def _name_table(n_classes: int) -> dict[str, list[int]]:
-    info = _imagenet_info()
+    info = imagenet_info()
     table: dict[str, list[int]] = {}
     for k in range(min(n_classes, info.num_classes())):
         description = str(info.index_to_description(k))
@@ -250,7 +237,7 @@ def resolve_classes(specs: Sequence[str | int], n_classes: int = 1000) -> list[i
                 raise ValueError(f"unknown ImageNet class name {text!r}.{hint} Give an index "
                                  "0..999, a range such as 151-293, a name or a WordNet id")
             if len(found) > 1:
-                which = ", ".join(f"{k} ({class_name(k)})" for k in found)
+                which = ", ".join(f"{k} ({imagenet_class_name(k)})" for k in found)
                 raise ValueError(f"class name {text!r} is ambiguous: {which}; give the index")
         bad = [k for k in found if not 0 <= k < n_classes]
         if bad:
@@ -359,7 +346,7 @@ def write_categories(folder: Path, recon: Tensor, images: Tensor, classes: Seque
     for c, x in zip(classes, images):
         save_image(x, folder / "categories" / f"class{c}.png")
         try:
-            names[str(c)] = class_name(c)
+            names[str(c)] = imagenet_class_name(c)
         except (ValueError, IndexError):
             names[str(c)] = ""
     (folder / "categories.json").write_text(json.dumps(names, indent=1))

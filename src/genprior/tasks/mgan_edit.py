@@ -45,7 +45,7 @@ from genprior.callbacks import SaveReconstructions
 from genprior.datamodules import load_items
 from genprior.device import pick_device
 from genprior.errors import InvalidSettingError
-from genprior.image_io import labelled_sheet, safe_name, save_image, to_uint8
+from genprior.image_io import safe_name, save_image, to_uint8, write_grid_sheet
 from genprior.items import ImageItem
 from genprior.methods import Method, MGANPrior
 from genprior.metrics import build_metrics
@@ -161,19 +161,9 @@ class CodeRenderer:
 
 def write_sheet(rows: Sequence[Sequence[Tensor | None]], row_labels: Sequence[str],
                 col_labels: Sequence[str], tile: int, path: Path) -> Path:
-    """A PNG of the images in ``rows`` ([3, H, W] in [-1, 1], uint8, or None: an empty cell),
-    each resized to ``tile`` x ``tile``, with a label above every column and left of every row
-    (image_io.labelled_sheet)."""
-    ncol = len(col_labels)
-    if any(len(row) != ncol for row in rows):
-        raise ValueError(f"every row of the sheet needs {ncol} images, one per column label")
-    frames = [x for row in rows for x in row]
-    labels = [*col_labels, *[""] * (len(frames) - ncol)]  # the column titles above the first row
-    sheet = labelled_sheet(frames, ncol, labels=labels, row_labels=row_labels, value_range=(-1.0, 1.0),
-                           tile=tile)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
-    return path
+    """The PNG of ``rows`` ([3, H, W] in [-1, 1], uint8, or None: an empty cell), each resized
+    to ``tile`` x ``tile``, labelled (image_io.write_grid_sheet)."""
+    return write_grid_sheet(rows, col_labels, row_labels, path, value_range=(-1.0, 1.0), tile=tile)
 
 
 def _strength_label(t: float) -> str:

@@ -286,3 +286,21 @@ def test_preset_networks_have_the_notebooks_parameter_counts(task: str, params: 
     cfg = compose([f"task={task}"])
     settings = InversionConfig(**OmegaConf.to_container(cfg.inversion, resolve=True))
     assert sum(p.numel() for p in skip(**settings.skip_kwargs(3)).parameters()) == params
+
+
+def test_a_garbage_or_misfitting_classifier_file_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.delenv("GENPRIOR_DEBUG", raising=False)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a torch file")
+    other = tmp_path / "vgg16_as_alexnet.pth"
+    torch.save(build_classifier("vgg16", "random").state_dict(), other)
+    for path, words in ((garbage, "corrupt"), (other, "do not fit torchvision's alexnet")):
+        out = tmp_path / path.stem
+        args = ["task=dip_preimage_quick", f"inversion.classifier_weights={path}", f"output.dir={out}"]
+        assert run_train(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(path) in err and words in err and "Traceback" not in err
+        # found when the fit starts, before any image finished: the same command runs again
+        assert run_train(args) == 2 and "earlier run" not in capsys.readouterr().err
